@@ -1,0 +1,128 @@
+//! Apps: what the registry knows of each (schemas, limits) and input validation against its JSON Schema.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ErrorType};
+
+/// How an app is executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppKind {
+    /// A Rust model from `darkroom-models`, run in a runner process of this binary.
+    Builtin,
+}
+
+/// An app as the registry knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppSpec {
+    /// `owner/alias`.
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub kind: AppKind,
+    /// Endpoint paths the app serves, relative to the app (`""` is the root).
+    pub paths: Vec<String>,
+    pub input_schema: Value,
+    pub output_schema: Value,
+    /// Requests one runner process serves at once.
+    pub max_multiplexing: u32,
+    /// Whether the app emits partial outputs for `/stream`.
+    pub streaming: bool,
+}
+
+/// An app with its input validator compiled once.
+pub struct CompiledApp {
+    pub spec: AppSpec,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for CompiledApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledApp").field("id", &self.spec.id).finish()
+    }
+}
+
+impl CompiledApp {
+    pub fn compile(spec: AppSpec) -> Result<CompiledApp, String> {
+        let validator =
+            jsonschema::validator_for(&spec.input_schema).map_err(|e| format!("input schema of {}: {e}", spec.id))?;
+        Ok(CompiledApp { spec, validator })
+    }
+
+    /// Validates an input; on failure returns a 422 with a FastAPI-style `detail` list, one entry per failing field.
+    pub fn validate(&self, input: &Value) -> Result<(), ApiError> {
+        let mut detail = Vec::new();
+        for err in self.validator.iter_errors(input) {
+            let mut loc = vec![json!("body")];
+            for seg in err.instance_path() {
+                loc.push(match seg {
+                    jsonschema::paths::LocationSegment::Property(p) => json!(p.as_ref()),
+                    jsonschema::paths::LocationSegment::Index(i) => json!(i),
+                });
+            }
+            detail.push(json!({"loc": loc, "msg": err.to_string(), "type": err.kind().keyword()}));
+            if detail.len() >= 50 {
+                break;
+            }
+        }
+        if detail.is_empty() {
+            Ok(())
+        } else {
+            Err(validation_error(detail))
+        }
+    }
+
+    /// Whether the app serves this endpoint path.
+    pub fn has_path(&self, path: &str) -> bool {
+        self.spec.paths.iter().any(|p| p == path)
+    }
+}
+
+/// A 422 with the given FastAPI `detail` list.
+pub fn validation_error(detail: Vec<Value>) -> ApiError {
+    ApiError::new(ErrorType::ValidationError, "Input validation failed").with_detail(Value::Array(detail))
+}
+
+/// A 422 for a body that is not JSON, in FastAPI's shape.
+pub fn json_decode_error(msg: &str) -> ApiError {
+    validation_error(vec![json!({"loc": ["body"], "msg": format!("JSON decode error: {msg}"), "type": "json_invalid"})])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> CompiledApp {
+        CompiledApp::compile(AppSpec {
+            id: "t/app".into(),
+            title: "t".into(),
+            description: String::new(),
+            kind: AppKind::Builtin,
+            paths: vec!["".into()],
+            input_schema: json!({
+                "type": "object",
+                "properties": {"n": {"type": "integer", "minimum": 0}, "xs": {"type": "array", "items": {"type": "string"}}},
+                "required": ["n"]
+            }),
+            output_schema: json!({}),
+            max_multiplexing: 1,
+            streaming: false,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn validation_lists_every_field() {
+        let a = app();
+        assert!(a.validate(&json!({"n": 1})).is_ok());
+        let e = a.validate(&json!({"n": -1, "xs": ["a", 2]})).unwrap_err();
+        assert_eq!(e.status, 422);
+        let d = e.detail.unwrap();
+        let locs: Vec<_> = d.as_array().unwrap().iter().map(|x| x["loc"].clone()).collect();
+        assert!(locs.contains(&json!(["body", "n"])), "{locs:?}");
+        assert!(locs.contains(&json!(["body", "xs", 1])), "{locs:?}");
+        let e = a.validate(&json!({})).unwrap_err();
+        assert_eq!(e.detail.unwrap()[0]["type"], "required");
+    }
+}

@@ -1,0 +1,96 @@
+//! The runner control channel: one WebSocket per runner, dialled *out* by the runner to
+//! `/internal/runner/connect` with `Authorization: Bearer <runner token>`. Frames are JSON text messages.
+//!
+//! The gateway pushes assignments (after the claim is committed in the store), cancels and pings; the runner sends
+//! hello, acks, heartbeats, logs, progress, partial outputs and completions. Every job frame carries the fencing
+//! `token` of its attempt; the gateway refuses frames whose token is not the job's current one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Protocol version, checked at hello.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Runner → gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunnerFrame {
+    /// First frame: which app this runner serves and how many jobs it runs at once.
+    Hello {
+        protocol: u32,
+        app_id: String,
+        max_multiplexing: u32,
+        pid: u32,
+        #[serde(default)]
+        hints: Vec<String>,
+        #[serde(default)]
+        version: String,
+    },
+    /// The runner accepted an assignment and is starting it.
+    Ack { job_id: String, token: i64 },
+    /// Keeps the runner's leases alive.
+    Heartbeat { running: Vec<String> },
+    /// A log line of a job.
+    Log { job_id: String, token: i64, level: String, message: String, timestamp: i64 },
+    /// Progress of a job, 0..1.
+    Progress { job_id: String, token: i64, fraction: f64, #[serde(default)] message: Option<String> },
+    /// A partial output (streamed to `/stream` clients).
+    Partial { job_id: String, token: i64, data: Value },
+    /// The job finished: success (`status` 200) or failure (the app's status and body).
+    Complete {
+        job_id: String,
+        token: i64,
+        status: u16,
+        body: Value,
+        #[serde(default)]
+        error_type: Option<String>,
+        #[serde(default)]
+        inference_ms: Option<i64>,
+    },
+}
+
+/// Gateway → runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayFrame {
+    /// Reply to hello.
+    Welcome { runner_id: String, heartbeat_ms: u64, lease_ms: u64 },
+    /// Run this job. `token` is the fencing token of this attempt.
+    Assign {
+        job_id: String,
+        token: i64,
+        attempt: i64,
+        app_id: String,
+        path: String,
+        mode: String,
+        input: Value,
+    },
+    /// Stop this job.
+    Cancel { job_id: String, token: i64 },
+    /// A frame from the runner was refused (stale token, unknown job).
+    Refused { job_id: String, token: i64, reason: String },
+    /// The gateway is going away; finish or drop work and reconnect later.
+    Shutdown { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = RunnerFrame::Complete {
+            job_id: "j".into(),
+            token: 3,
+            status: 200,
+            body: serde_json::json!({"a": 1}),
+            error_type: None,
+            inference_ms: Some(5),
+        };
+        let s = serde_json::to_string(&f).unwrap();
+        assert!(s.contains("\"type\":\"complete\""));
+        assert_eq!(serde_json::from_str::<RunnerFrame>(&s).unwrap(), f);
+        let g: GatewayFrame = serde_json::from_str(r#"{"type":"cancel","job_id":"j","token":1}"#).unwrap();
+        assert_eq!(g, GatewayFrame::Cancel { job_id: "j".into(), token: 1 });
+    }
+}
