@@ -1,1 +1,160 @@
-pub fn _x(){}
+//! Darkroom's durable store. One [`Store`] trait, implemented on SQLite (the embedded default; PostgreSQL comes
+//! with "Scale-out store"), and a [`conformance`] suite that every implementation must pass.
+//!
+//! Rules every implementation keeps:
+//! - a job is durable before `enqueue` returns;
+//! - a job runs under a lease; each claim increments `attempts`, and the attempt number is the fencing token:
+//!   completions, logs and retries carry it, and a stale token changes nothing;
+//! - a completed job never changes again (no job completes twice);
+//! - FIFO within a priority, higher priority first.
+
+use async_trait::async_trait;
+use darkroom_core::Millis;
+use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
+
+pub mod conformance;
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Store failures. These are internal: the gateway logs them and answers 500.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("duplicate: {0}")]
+    Duplicate(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An API key as stored (the secret only as a keyed hash).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub owner_id: String,
+    #[serde(skip)]
+    pub secret_hash: String,
+    pub scope: String,
+    pub name: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// A runner token as stored (hash only). Tokens belong to one server boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerTokenRecord {
+    pub token_hash: String,
+    pub boot_id: String,
+    pub app_id: Option<String>,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// What happened when a boot started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BootReport {
+    /// Queue jobs that were running under the previous boot and went back to the queue.
+    pub requeued: Vec<String>,
+    /// Jobs completed because of the restart: ephemeral jobs, or queue jobs out of attempts.
+    pub failed: Vec<String>,
+    pub tokens_revoked: u64,
+}
+
+/// The result of ending an attempt that did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AttemptResult {
+    /// Back in the queue for another attempt.
+    Requeued,
+    /// Out of attempts (or retries disabled): completed with the given outcome.
+    Completed,
+    /// The token was not the job's current one, or the job was not running: nothing changed.
+    Stale,
+}
+
+/// The result of a completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompleteResult {
+    Applied,
+    /// Not the current attempt, or not running: refused.
+    Stale,
+}
+
+/// The result of a cancel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelResult {
+    NotFound,
+    AlreadyCompleted,
+    /// Completed as cancelled. If it was running, the runner and token to send the cancel to.
+    Cancelled { running_on: Option<(String, i64)> },
+}
+
+/// Filter for listing jobs (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub owner_id: Option<String>,
+    pub app_id: Option<String>,
+    pub state: Option<String>,
+    pub limit: i64,
+}
+
+/// Per-app counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppDepth {
+    pub app_id: String,
+    pub queued: i64,
+    pub running: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a new server boot: revokes every runner token of earlier boots and ends every lease they held
+    /// (queue jobs go back to the queue while attempts remain; sync and stream jobs complete as
+    /// `gateway_restarted`, since they are never retried after a gateway dies).
+    async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport>;
+
+    async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()>;
+    async fn get_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>>;
+    async fn list_keys(&self, owner_id: Option<&str>) -> StoreResult<Vec<KeyRecord>>;
+    /// Returns false if the key does not exist or was already revoked.
+    async fn revoke_key(&self, key_id: &str, now: Millis) -> StoreResult<bool>;
+
+    async fn insert_runner_token(&self, token: &RunnerTokenRecord) -> StoreResult<()>;
+    async fn get_runner_token(&self, token_hash: &str) -> StoreResult<Option<RunnerTokenRecord>>;
+
+    /// Durably enqueues a job. Fails with `Duplicate` if the id exists.
+    async fn enqueue(&self, job: &NewJob) -> StoreResult<JobRecord>;
+    async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>>;
+    /// 0-based position among the app's queued jobs; None unless queued.
+    async fn queue_position(&self, id: &str) -> StoreResult<Option<i64>>;
+    /// Queued jobs of a key at or above a priority (caps interactive priority per key).
+    async fn count_queued_for_key(&self, key_id: &str, min_priority: i64) -> StoreResult<i64>;
+    /// The app's next queued job (id, runner hint), without claiming it.
+    async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>>;
+    /// Claims a queued job for a runner: running, attempts + 1, leased until `lease_until`. The returned record's
+    /// `attempts` is the fencing token. None if the job is no longer queued.
+    async fn claim(&self, job_id: &str, runner_id: &str, lease_until: Millis, now: Millis) -> StoreResult<Option<JobRecord>>;
+    /// Extends the leases of every job the runner holds.
+    async fn extend_leases(&self, runner_id: &str, lease_until: Millis) -> StoreResult<u64>;
+    /// Completes the current attempt. Refused (Stale) unless the job is running with this token.
+    async fn complete(&self, job_id: &str, token: i64, outcome: &Outcome, now: Millis) -> StoreResult<CompleteResult>;
+    /// Ends a failed attempt: requeue while attempts remain and retries are allowed, else complete with `outcome`.
+    async fn fail_attempt(&self, job_id: &str, token: i64, outcome: &Outcome, now: Millis) -> StoreResult<AttemptResult>;
+    /// A runner is gone: fail the attempts of every job it holds (`runner_disconnected`).
+    async fn release_runner(&self, runner_id: &str, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>>;
+    /// Fails the attempts whose lease ran out.
+    async fn expire_leases(&self, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>>;
+    /// Completes queued jobs whose start deadline passed as `request_timeout`.
+    async fn expire_start_deadlines(&self, now: Millis) -> StoreResult<Vec<String>>;
+    /// Cancels a queued or running job (it completes as `request_cancelled`).
+    async fn cancel(&self, job_id: &str, now: Millis) -> StoreResult<CancelResult>;
+    /// Appends log lines to the current attempt. False (nothing written) if the token is stale.
+    async fn append_logs(&self, job_id: &str, token: i64, entries: &[LogEntry]) -> StoreResult<bool>;
+    async fn get_logs(&self, job_id: &str) -> StoreResult<Vec<LogEntry>>;
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
+    async fn app_depths(&self) -> StoreResult<Vec<AppDepth>>;
+}

@@ -1,0 +1,298 @@
+//! The store conformance suite: the specification every [`Store`] implementation must meet. Each check takes a
+//! fresh, empty store. [`conformance_tests!`](crate::conformance_tests) turns them into `#[tokio::test]`s for an
+//! implementation; the SQLite tests use it, and the PostgreSQL implementation runs the same suite.
+
+use std::sync::Arc;
+
+use darkroom_core::job::{JobMode, JobState, LogEntry, NewJob, Outcome, priority};
+
+use crate::*;
+
+/// A queue job for `app` with defaults.
+pub fn job(id: &str, app: &str) -> NewJob {
+    NewJob {
+        id: id.into(),
+        app_id: app.into(),
+        path: String::new(),
+        owner_id: "owner-a".into(),
+        key_id: "key-a".into(),
+        mode: JobMode::Queue,
+        priority: priority::NORMAL,
+        input: "{}".into(),
+        max_attempts: 3,
+        no_retry: false,
+        start_deadline: None,
+        runner_hint: None,
+        webhook_url: None,
+        store_io: true,
+        boot_id: "boot-1".into(),
+        created_at: 1_000,
+    }
+}
+
+fn ok_outcome() -> Outcome {
+    Outcome::success(r#"{"ok":true}"#.into(), Some(5))
+}
+
+fn err_outcome() -> Outcome {
+    Outcome { status: 500, body: r#"{"detail":"boom"}"#.into(), error: Some("boom".into()), error_type: Some("app_error".into()), inference_ms: None }
+}
+
+pub async fn fifo_within_priority_and_positions(s: &dyn Store) {
+    s.enqueue(&job("a", "app")).await.unwrap();
+    s.enqueue(&job("b", "app")).await.unwrap();
+    s.enqueue(&NewJob { priority: priority::LOW, ..job("low", "app") }).await.unwrap();
+    s.enqueue(&NewJob { priority: priority::INTERACTIVE, ..job("hi", "app") }).await.unwrap();
+    s.enqueue(&job("other", "other-app")).await.unwrap();
+    assert_eq!(s.queue_position("hi").await.unwrap(), Some(0));
+    assert_eq!(s.queue_position("a").await.unwrap(), Some(1));
+    assert_eq!(s.queue_position("b").await.unwrap(), Some(2));
+    assert_eq!(s.queue_position("low").await.unwrap(), Some(3));
+    assert_eq!(s.queue_position("other").await.unwrap(), Some(0), "positions are per app");
+    assert_eq!(s.queue_position("missing").await.unwrap(), None);
+    let mut order = Vec::new();
+    while let Some((id, _)) = s.next_queued("app").await.unwrap() {
+        assert!(s.claim(&id, "r1", 10_000, 2_000).await.unwrap().is_some());
+        order.push(id);
+    }
+    assert_eq!(order, ["hi", "a", "b", "low"]);
+    assert_eq!(s.queue_position("a").await.unwrap(), None, "running jobs have no position");
+    let dup = s.enqueue(&job("a", "app")).await;
+    assert!(matches!(dup, Err(StoreError::Duplicate(_))));
+}
+
+pub async fn claim_and_complete_with_fencing(s: &dyn Store) {
+    s.enqueue(&job("j", "app")).await.unwrap();
+    let c = s.claim("j", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(c.state, JobState::Running);
+    assert_eq!(c.attempts, 1);
+    assert_eq!(c.lease_runner.as_deref(), Some("r1"));
+    assert!(s.claim("j", "r2", 10_000, 2_000).await.unwrap().is_none(), "a running job cannot be claimed again");
+    assert_eq!(s.complete("j", 0, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Stale);
+    assert_eq!(s.complete("j", 2, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Stale);
+    assert_eq!(s.complete("j", 1, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Applied);
+    assert_eq!(s.complete("j", 1, &err_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "never completes twice");
+    let j = s.get_job("j").await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Completed);
+    assert_eq!(j.result_status, Some(200));
+    assert_eq!(j.result_body.as_deref(), Some(r#"{"ok":true}"#));
+    assert_eq!(j.completed_at, Some(3_000));
+    assert_eq!(j.inference_ms, Some(5));
+    assert!(j.succeeded());
+    assert_eq!(j.lease_runner, None);
+}
+
+pub async fn retries_until_the_attempt_limit(s: &dyn Store) {
+    s.enqueue(&job("j", "app")).await.unwrap();
+    for attempt in 1..=3 {
+        let c = s.claim("j", "r1", 10_000, 2_000).await.unwrap().unwrap();
+        assert_eq!(c.attempts, attempt);
+        if attempt > 1 {
+            assert_eq!(s.fail_attempt("j", attempt - 1, &err_outcome(), 2_500).await.unwrap(), AttemptResult::Stale);
+        }
+        let r = s.fail_attempt("j", attempt, &err_outcome(), 3_000).await.unwrap();
+        if attempt < 3 {
+            assert_eq!(r, AttemptResult::Requeued);
+            assert_eq!(s.get_job("j").await.unwrap().unwrap().state, JobState::Queued);
+            assert_eq!(s.queue_position("j").await.unwrap(), Some(0));
+        } else {
+            assert_eq!(r, AttemptResult::Completed);
+        }
+    }
+    let j = s.get_job("j").await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Completed);
+    assert_eq!(j.error_type.as_deref(), Some("app_error"));
+    assert_eq!(j.result_status, Some(500));
+
+    s.enqueue(&NewJob { no_retry: true, ..job("n", "app") }).await.unwrap();
+    s.claim("n", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(s.fail_attempt("n", 1, &err_outcome(), 3_000).await.unwrap(), AttemptResult::Completed, "x-fal-no-retry");
+}
+
+pub async fn a_requeued_job_keeps_its_place(s: &dyn Store) {
+    s.enqueue(&job("first", "app")).await.unwrap();
+    s.enqueue(&job("second", "app")).await.unwrap();
+    s.claim("first", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(s.release_runner("r1", 3_000).await.unwrap(), vec![("first".to_string(), AttemptResult::Requeued)]);
+    assert_eq!(s.next_queued("app").await.unwrap().unwrap().0, "first");
+}
+
+pub async fn cancel_queued_running_and_completed(s: &dyn Store) {
+    s.enqueue(&job("q", "app")).await.unwrap();
+    s.enqueue(&job("r", "app")).await.unwrap();
+    assert_eq!(s.cancel("missing", 1).await.unwrap(), CancelResult::NotFound);
+    assert_eq!(s.cancel("q", 2_000).await.unwrap(), CancelResult::Cancelled { running_on: None });
+    let q = s.get_job("q").await.unwrap().unwrap();
+    assert_eq!(q.state, JobState::Completed);
+    assert_eq!(q.error_type.as_deref(), Some("request_cancelled"));
+    assert!(q.result_status.unwrap() >= 400 && q.result_status.unwrap() < 500);
+    assert_eq!(s.next_queued("app").await.unwrap().unwrap().0, "r", "a cancelled job leaves the queue");
+    s.claim("r", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(s.cancel("r", 3_000).await.unwrap(), CancelResult::Cancelled { running_on: Some(("r1".into(), 1)) });
+    assert_eq!(s.complete("r", 1, &ok_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "late completion refused");
+    assert_eq!(s.get_job("r").await.unwrap().unwrap().error_type.as_deref(), Some("request_cancelled"));
+    assert_eq!(s.cancel("r", 5_000).await.unwrap(), CancelResult::AlreadyCompleted);
+    assert!(s.release_runner("r1", 6_000).await.unwrap().is_empty());
+}
+
+pub async fn leases_extend_and_expire(s: &dyn Store) {
+    s.enqueue(&job("a", "app")).await.unwrap();
+    s.enqueue(&NewJob { max_attempts: 1, ..job("b", "app") }).await.unwrap();
+    s.claim("a", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    s.claim("b", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(s.extend_leases("r1", 20_000).await.unwrap(), 2);
+    assert!(s.expire_leases(15_000).await.unwrap().is_empty());
+    let mut expired = s.expire_leases(25_000).await.unwrap();
+    expired.sort();
+    assert_eq!(expired, vec![("a".into(), AttemptResult::Requeued), ("b".into(), AttemptResult::Completed)]);
+    let b = s.get_job("b").await.unwrap().unwrap();
+    assert_eq!(b.error_type.as_deref(), Some("runner_disconnected"));
+    assert_eq!(b.result_status, Some(503));
+}
+
+pub async fn start_deadlines_expire_queued_jobs(s: &dyn Store) {
+    s.enqueue(&NewJob { start_deadline: Some(5_000), ..job("late", "app") }).await.unwrap();
+    s.enqueue(&NewJob { start_deadline: Some(5_000), ..job("started", "app") }).await.unwrap();
+    s.enqueue(&NewJob { start_deadline: Some(50_000), ..job("early", "app") }).await.unwrap();
+    s.claim("started", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    assert_eq!(s.expire_start_deadlines(6_000).await.unwrap(), vec!["late".to_string()]);
+    let late = s.get_job("late").await.unwrap().unwrap();
+    assert_eq!(late.error_type.as_deref(), Some("request_timeout"));
+    assert_eq!(late.result_status, Some(504));
+    assert_eq!(s.get_job("started").await.unwrap().unwrap().state, JobState::Running, "the deadline is time-to-start");
+    assert_eq!(s.get_job("early").await.unwrap().unwrap().state, JobState::Queued);
+}
+
+pub async fn logs_belong_to_the_current_attempt(s: &dyn Store) {
+    s.enqueue(&job("j", "app")).await.unwrap();
+    let line = |m: &str| LogEntry { timestamp: 1, level: "INFO".into(), message: m.into() };
+    assert!(!s.append_logs("j", 1, &[line("queued")]).await.unwrap(), "not running");
+    s.claim("j", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    assert!(s.append_logs("j", 1, &[line("one"), line("two")]).await.unwrap());
+    assert!(!s.append_logs("j", 7, &[line("stale")]).await.unwrap());
+    let logs = s.get_logs("j").await.unwrap();
+    assert_eq!(logs.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+}
+
+pub async fn a_new_boot_revokes_tokens_and_ends_old_leases(s: &dyn Store) {
+    s.start_boot("boot-1", 1_000).await.unwrap();
+    s.insert_runner_token(&RunnerTokenRecord { token_hash: "h1".into(), boot_id: "boot-1".into(), app_id: None, created_at: 1, revoked_at: None })
+        .await
+        .unwrap();
+    s.enqueue(&job("running", "app")).await.unwrap();
+    s.enqueue(&job("queued", "app")).await.unwrap();
+    s.enqueue(&NewJob { mode: JobMode::Sync, ..job("sync", "app") }).await.unwrap();
+    s.enqueue(&NewJob { mode: JobMode::Stream, ..job("stream", "app") }).await.unwrap();
+    s.enqueue(&NewJob { max_attempts: 1, ..job("last-try", "app") }).await.unwrap();
+    s.claim("running", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    s.claim("stream", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    s.claim("last-try", "r1", 10_000, 2_000).await.unwrap().unwrap();
+    let mut report = s.start_boot("boot-2", 3_000).await.unwrap();
+    report.failed.sort();
+    assert_eq!(report.requeued, vec!["running".to_string()]);
+    assert_eq!(report.failed, vec!["last-try".to_string(), "stream".to_string(), "sync".to_string()]);
+    assert_eq!(report.tokens_revoked, 1);
+    assert_eq!(s.get_runner_token("h1").await.unwrap().unwrap().revoked_at, Some(3_000));
+    assert_eq!(s.get_job("sync").await.unwrap().unwrap().error_type.as_deref(), Some("gateway_restarted"));
+    assert_eq!(s.get_job("queued").await.unwrap().unwrap().state, JobState::Queued);
+    assert_eq!(s.complete("running", 1, &ok_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "old attempt fenced");
+    let again = s.claim("running", "r2", 10_000, 4_000).await.unwrap().unwrap();
+    assert_eq!(again.attempts, 2);
+}
+
+pub async fn keys_insert_list_revoke(s: &dyn Store) {
+    let k = KeyRecord {
+        key_id: "k1".into(),
+        owner_id: "o1".into(),
+        secret_hash: "h".into(),
+        scope: "client".into(),
+        name: "n".into(),
+        created_at: 1,
+        revoked_at: None,
+    };
+    s.insert_key(&k).await.unwrap();
+    s.insert_key(&KeyRecord { key_id: "k2".into(), owner_id: "o2".into(), ..k.clone() }).await.unwrap();
+    assert!(matches!(s.insert_key(&k).await, Err(StoreError::Duplicate(_))));
+    assert_eq!(s.get_key("k1").await.unwrap().unwrap(), k);
+    assert_eq!(s.list_keys(Some("o1")).await.unwrap().len(), 1);
+    assert_eq!(s.list_keys(None).await.unwrap().len(), 2);
+    assert!(s.revoke_key("k1", 9).await.unwrap());
+    assert!(!s.revoke_key("k1", 10).await.unwrap());
+    assert!(!s.revoke_key("nope", 10).await.unwrap());
+    assert_eq!(s.get_key("k1").await.unwrap().unwrap().revoked_at, Some(9));
+}
+
+pub async fn listing_and_depths(s: &dyn Store) {
+    s.enqueue(&job("a", "app")).await.unwrap();
+    s.enqueue(&NewJob { owner_id: "owner-b".into(), ..job("b", "app") }).await.unwrap();
+    s.enqueue(&job("c", "app2")).await.unwrap();
+    s.claim("a", "r", 10, 1).await.unwrap();
+    let mine = s.list_jobs(&JobFilter { owner_id: Some("owner-a".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(mine.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["c", "a"], "newest first, owner-scoped");
+    let q = s.list_jobs(&JobFilter { state: Some("queued".into()), app_id: Some("app".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(
+        s.app_depths().await.unwrap(),
+        vec![AppDepth { app_id: "app".into(), queued: 1, running: 1 }, AppDepth { app_id: "app2".into(), queued: 1, running: 0 }]
+    );
+    assert_eq!(s.count_queued_for_key("key-a", priority::NORMAL).await.unwrap(), 2);
+    assert_eq!(s.count_queued_for_key("key-a", priority::INTERACTIVE).await.unwrap(), 0);
+}
+
+/// Many concurrent claimers: every job is claimed exactly once.
+pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
+    for i in 0..60 {
+        s.enqueue(&job(&format!("j{i:03}"), "app")).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let Some((id, _)) = s.next_queued("app").await.unwrap() else { break };
+                if let Some(j) = s.claim(&id, &format!("w{w}"), 10_000, 1).await.unwrap() {
+                    assert_eq!(s.complete(&j.id, j.attempts, &ok_outcome(), 2).await.unwrap(), CompleteResult::Applied);
+                    got.push(j.id);
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, 60, "every job claimed once");
+    assert_eq!(all.len(), 60);
+}
+
+/// Generates one `#[tokio::test]` per conformance check, given an async expression producing an
+/// `Arc<dyn Store>` that is fresh and empty each time.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            fifo_within_priority_and_positions, claim_and_complete_with_fencing, retries_until_the_attempt_limit,
+            a_requeued_job_keeps_its_place, cancel_queued_running_and_completed, leases_extend_and_expire,
+            start_deadlines_expire_queued_jobs, logs_belong_to_the_current_attempt,
+            a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths);
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_claims_are_exclusive() {
+            let s: std::sync::Arc<dyn $crate::Store> = $make.await;
+            $crate::conformance::concurrent_claims_are_exclusive(s).await;
+        }
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let s: std::sync::Arc<dyn $crate::Store> = $make.await;
+                $crate::conformance::$name(&*s).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,587 @@
+//! SQLite: WAL, `synchronous=FULL`, one writer connection (every write transaction `BEGIN IMMEDIATE`), and a
+//! small pool of readers. See reference/infra.md §1.4.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use darkroom_core::error::{ApiError, ErrorType};
+use darkroom_core::job::{JobMode, JobRecord, JobState, LogEntry, NewJob, Outcome};
+use darkroom_core::Millis;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Durability profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced (the default).
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash, may lose the last commits on power loss.
+    Normal,
+}
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
+    max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
+    webhook_url, store_io, boot_id, created_at, started_at, completed_at, result_status, result_body, error, \
+    error_type, inference_ms";
+
+fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
+    let mode: String = r.try_get("mode")?;
+    let state: String = r.try_get("state")?;
+    Ok(JobRecord {
+        id: r.try_get("id")?,
+        seq: r.try_get("seq")?,
+        app_id: r.try_get("app_id")?,
+        path: r.try_get("path")?,
+        owner_id: r.try_get("owner_id")?,
+        key_id: r.try_get("key_id")?,
+        mode: JobMode::parse(&mode).ok_or_else(|| StoreError::Corrupt(format!("mode {mode}")))?,
+        priority: r.try_get("priority")?,
+        state: JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
+        input: r.try_get("input")?,
+        attempts: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        no_retry: r.try_get("no_retry")?,
+        lease_runner: r.try_get("lease_runner")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        start_deadline: r.try_get("start_deadline")?,
+        runner_hint: r.try_get("runner_hint")?,
+        cancel_requested: r.try_get("cancel_requested")?,
+        webhook_url: r.try_get("webhook_url")?,
+        store_io: r.try_get("store_io")?,
+        boot_id: r.try_get("boot_id")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        completed_at: r.try_get("completed_at")?,
+        result_status: r.try_get("result_status")?,
+        result_body: r.try_get("result_body")?,
+        error: r.try_get("error")?,
+        error_type: r.try_get("error_type")?,
+        inference_ms: r.try_get("inference_ms")?,
+    })
+}
+
+fn key_from_row(r: &SqliteRow) -> StoreResult<KeyRecord> {
+    Ok(KeyRecord {
+        key_id: r.try_get("key_id")?,
+        owner_id: r.try_get("owner_id")?,
+        secret_hash: r.try_get("secret_hash")?,
+        scope: r.try_get("scope")?,
+        name: r.try_get("name")?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+async fn write_outcome(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, result_body = ?, error = ?, \
+         error_type = ?, inference_ms = ?, lease_runner = NULL, lease_expires_at = NULL WHERE id = ?",
+    )
+    .bind(now)
+    .bind(o.status as i64)
+    .bind(&o.body)
+    .bind(&o.error)
+    .bind(&o.error_type)
+    .bind(o.inference_ms)
+    .bind(job_id)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// Ends the running attempt `token` of a job inside a transaction: requeue or complete.
+async fn fail_attempt_in(
+    c: &mut SqliteConnection,
+    job_id: &str,
+    token: i64,
+    outcome: &Outcome,
+    now: Millis,
+) -> StoreResult<AttemptResult> {
+    let row = sqlx::query(
+        "SELECT attempts, max_attempts, no_retry, cancel_requested, state FROM jobs WHERE id = ?",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *c)
+    .await?;
+    let Some(row) = row else { return Ok(AttemptResult::Stale) };
+    let attempts: i64 = row.try_get("attempts")?;
+    let state: String = row.try_get("state")?;
+    if state != "running" || attempts != token {
+        return Ok(AttemptResult::Stale);
+    }
+    let max: i64 = row.try_get("max_attempts")?;
+    let no_retry: bool = row.try_get("no_retry")?;
+    let cancel: bool = row.try_get("cancel_requested")?;
+    if cancel {
+        write_outcome(c, job_id, &Outcome::cancelled(), now).await?;
+        return Ok(AttemptResult::Completed);
+    }
+    if !no_retry && attempts < max {
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_runner = NULL, lease_expires_at = NULL, started_at = NULL \
+             WHERE id = ?",
+        )
+        .bind(job_id)
+        .execute(&mut *c)
+        .await?;
+        Ok(AttemptResult::Requeued)
+    } else {
+        write_outcome(c, job_id, outcome, now).await?;
+        Ok(AttemptResult::Completed)
+    }
+}
+
+fn runner_lost() -> Outcome {
+    Outcome::platform(&ApiError::new(ErrorType::RunnerDisconnected, "The runner serving this request was lost"))
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and migrates it.
+    pub async fn open(path: &std::path::Path, durability: Durability) -> StoreResult<SqliteStore> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true)
+            .pragma("journal_size_limit", "67108864");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.clone())
+            .await?;
+        MIGRATOR.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Closes both pools (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO boots (id, started_at) VALUES (?, ?)").bind(boot_id).bind(now).execute(&mut *tx).await?;
+        let revoked = sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id != ?")
+            .bind(now)
+            .bind(boot_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let mut report = BootReport { tokens_revoked: revoked, ..Default::default() };
+        // Ephemeral jobs of earlier boots: nobody waits for them any more.
+        let restarted = Outcome::platform(&ApiError::new(
+            ErrorType::GatewayRestarted,
+            "The gateway restarted while this request was open",
+        ));
+        let rows = sqlx::query("SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id != ?")
+            .bind(boot_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            write_outcome(&mut tx, &id, &restarted, now).await?;
+            report.failed.push(id);
+        }
+        // Queue jobs that were running: their runners belonged to the old boot.
+        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq").fetch_all(&mut *tx).await?;
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let token: i64 = r.try_get("attempts")?;
+            match fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await? {
+                AttemptResult::Requeued => report.requeued.push(id),
+                AttemptResult::Completed => report.failed.push(id),
+                AttemptResult::Stale => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn insert_key(&self, k: &KeyRecord) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO api_keys (key_id, owner_id, secret_hash, scope, name, created_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&k.key_id)
+        .bind(&k.owner_id)
+        .bind(&k.secret_hash)
+        .bind(&k.scope)
+        .bind(&k.name)
+        .bind(k.created_at)
+        .bind(k.revoked_at)
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(e)) = &res {
+            if e.is_unique_violation() {
+                return Err(StoreError::Duplicate(k.key_id.clone()));
+            }
+        }
+        res?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE key_id = ?").bind(key_id).fetch_optional(&self.reader).await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, owner_id: Option<&str>) -> StoreResult<Vec<KeyRecord>> {
+        let rows = sqlx::query("SELECT * FROM api_keys WHERE (?1 IS NULL OR owner_id = ?1) ORDER BY created_at, key_id")
+            .bind(owner_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, key_id: &str, now: Millis) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn insert_runner_token(&self, t: &RunnerTokenRecord) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO runner_tokens (token_hash, boot_id, app_id, created_at, revoked_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&t.token_hash)
+            .bind(&t.boot_id)
+            .bind(&t.app_id)
+            .bind(t.created_at)
+            .bind(t.revoked_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_runner_token(&self, token_hash: &str) -> StoreResult<Option<RunnerTokenRecord>> {
+        let row = sqlx::query("SELECT * FROM runner_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            Ok(RunnerTokenRecord {
+                token_hash: r.try_get("token_hash")?,
+                boot_id: r.try_get("boot_id")?,
+                app_id: r.try_get("app_id")?,
+                created_at: r.try_get("created_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn enqueue(&self, j: &NewJob) -> StoreResult<JobRecord> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
+             no_retry, start_deadline, runner_hint, webhook_url, store_io, boot_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(&j.id)
+        .bind(&j.app_id)
+        .bind(&j.path)
+        .bind(&j.owner_id)
+        .bind(&j.key_id)
+        .bind(j.mode.as_str())
+        .bind(j.priority)
+        .bind(&j.input)
+        .bind(j.max_attempts)
+        .bind(j.no_retry)
+        .bind(j.start_deadline)
+        .bind(&j.runner_hint)
+        .bind(&j.webhook_url)
+        .bind(j.store_io)
+        .bind(&j.boot_id)
+        .bind(j.created_at)
+        .fetch_one(&mut *tx)
+        .await;
+        let row = match res {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Duplicate(j.id.clone())),
+            r => r?,
+        };
+        let rec = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn queue_position(&self, id: &str) -> StoreResult<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM jobs q WHERE q.state = 'queued' AND q.app_id = j.app_id \
+               AND (q.priority > j.priority OR (q.priority = j.priority AND q.seq < j.seq))) AS pos \
+             FROM jobs j WHERE j.id = ? AND j.state = 'queued'",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(|r| r.try_get("pos")).transpose()?)
+    }
+
+    async fn count_queued_for_key(&self, key_id: &str, min_priority: i64) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND key_id = ? AND priority >= ?")
+            .bind(key_id)
+            .bind(min_priority)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>> {
+        // Read through the writer so a dispatcher never sees a snapshot older than its last claim.
+        let row = sqlx::query(
+            "SELECT id, runner_hint FROM jobs WHERE state = 'queued' AND app_id = ? ORDER BY priority DESC, seq LIMIT 1",
+        )
+        .bind(app_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        row.map(|r| Ok((r.try_get("id")?, r.try_get("runner_hint")?))).transpose()
+    }
+
+    async fn claim(&self, job_id: &str, runner_id: &str, lease_until: Millis, now: Millis) -> StoreResult<Option<JobRecord>> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
+             started_at = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(runner_id)
+        .bind(lease_until)
+        .bind(now)
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rec = row.as_ref().map(job_from_row).transpose()?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    async fn extend_leases(&self, runner_id: &str, lease_until: Millis) -> StoreResult<u64> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_runner = ?")
+            .bind(lease_until)
+            .bind(runner_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn complete(&self, job_id: &str, token: i64, o: &Outcome, now: Millis) -> StoreResult<CompleteResult> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, result_body = ?, error = ?, \
+             error_type = ?, inference_ms = ?, lease_runner = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND state = 'running' AND attempts = ?",
+        )
+        .bind(now)
+        .bind(o.status as i64)
+        .bind(&o.body)
+        .bind(&o.error)
+        .bind(&o.error_type)
+        .bind(o.inference_ms)
+        .bind(job_id)
+        .bind(token)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
+    }
+
+    async fn fail_attempt(&self, job_id: &str, token: i64, o: &Outcome, now: Millis) -> StoreResult<AttemptResult> {
+        let mut tx = self.begin().await?;
+        let r = fail_attempt_in(&mut tx, job_id, token, o, now).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn release_runner(&self, runner_id: &str, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_runner = ? ORDER BY seq")
+            .bind(runner_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let token: i64 = r.try_get("attempts")?;
+            let res = fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await?;
+            out.push((id, res));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn expire_leases(&self, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires_at < ? ORDER BY seq")
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let token: i64 = r.try_get("attempts")?;
+            let res = fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await?;
+            out.push((id, res));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn expire_start_deadlines(&self, now: Millis) -> StoreResult<Vec<String>> {
+        let mut tx = self.begin().await?;
+        let timeout = Outcome::platform(&ApiError::new(
+            ErrorType::RequestTimeout,
+            "Request did not start before its X-Fal-Request-Timeout deadline",
+        ));
+        let rows = sqlx::query("SELECT id FROM jobs WHERE state = 'queued' AND start_deadline IS NOT NULL AND start_deadline <= ?")
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            write_outcome(&mut tx, &id, &timeout, now).await?;
+            out.push(id);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn cancel(&self, job_id: &str, now: Millis) -> StoreResult<CancelResult> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT state, lease_runner, attempts FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(CancelResult::NotFound) };
+        let state: String = row.try_get("state")?;
+        let res = match state.as_str() {
+            "completed" => CancelResult::AlreadyCompleted,
+            s => {
+                let running_on = if s == "running" {
+                    let runner: Option<String> = row.try_get("lease_runner")?;
+                    runner.map(|r| (r, row.try_get::<i64, _>("attempts").unwrap_or(0)))
+                } else {
+                    None
+                };
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
+                write_outcome(&mut tx, job_id, &Outcome::cancelled(), now).await?;
+                CancelResult::Cancelled { running_on }
+            }
+        };
+        tx.commit().await?;
+        Ok(res)
+    }
+
+    async fn append_logs(&self, job_id: &str, token: i64, entries: &[LogEntry]) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let ok = sqlx::query("SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND attempts = ?")
+            .bind(job_id)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if ok {
+            for e in entries {
+                sqlx::query("INSERT INTO job_logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)")
+                    .bind(job_id)
+                    .bind(e.timestamp)
+                    .bind(&e.level)
+                    .bind(&e.message)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(ok)
+    }
+
+    async fn get_logs(&self, job_id: &str) -> StoreResult<Vec<LogEntry>> {
+        let rows = sqlx::query("SELECT ts, level, message FROM job_logs WHERE job_id = ? ORDER BY seq")
+            .bind(job_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(LogEntry { timestamp: r.try_get("ts")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .collect()
+    }
+
+    async fn list_jobs(&self, f: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(1000) };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR owner_id = ?1) AND (?2 IS NULL OR app_id = ?2) \
+             AND (?3 IS NULL OR state = ?3) ORDER BY seq DESC LIMIT ?4"
+        )))
+        .bind(&f.owner_id)
+        .bind(&f.app_id)
+        .bind(&f.state)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn app_depths(&self) -> StoreResult<Vec<AppDepth>> {
+        let rows = sqlx::query(
+            "SELECT app_id, sum(state = 'queued') AS queued, sum(state = 'running') AS running FROM jobs \
+             WHERE state != 'completed' GROUP BY app_id ORDER BY app_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(AppDepth { app_id: r.try_get("app_id")?, queued: r.try_get("queued")?, running: r.try_get("running")? }))
+            .collect()
+    }
+}
