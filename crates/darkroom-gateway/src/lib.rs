@@ -1,1 +1,287 @@
-pub fn _x(){}
+//! Darkroom's gateway: the fal-compatible HTTP/TLS API, authentication, and the runner control channel.
+//!
+//! One module per resource, each with a `router()`: [`queue`] (submit, status, status stream, result, cancel),
+//! [`run`] (sync run and stream), [`admin`] (keys, runner tokens, runners, requests, apps), [`proxy`] (the JS
+//! client's `x-fal-target-url` proxy protocol), [`hub`] (runner connections and dispatch), [`openapi`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use darkroom_core::app::{AppSpec, CompiledApp};
+use darkroom_core::auth::{NewSecret, Scope, keyed_hash, random_token};
+use darkroom_core::job::JobRecord;
+use darkroom_core::{Clock, Millis};
+use darkroom_store::{AttemptResult, KeyRecord, RunnerTokenRecord, Store};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod openapi;
+pub mod proxy;
+pub mod queue;
+pub mod run;
+pub mod server;
+pub mod tls;
+
+/// Gateway settings (the CLI fills them from flags and environment).
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// External base URL (scheme, host, port, optional path) for absolute URLs in responses.
+    pub public_url: Option<url::Url>,
+    /// Whether the listener speaks TLS (used for URLs when no public URL is set).
+    pub tls: bool,
+    /// Accept every request as the local admin. Only allowed on loopback listeners.
+    pub no_auth: bool,
+    /// Attempts per job before it fails (fal retries up to 10 times).
+    pub max_attempts: i64,
+    /// Lease length; runners heartbeat at a third of it.
+    pub lease_ms: i64,
+    /// How many sync or stream requests per key may wait at interactive priority.
+    pub interactive_cap: i64,
+    /// Largest request body accepted.
+    pub body_limit: usize,
+    /// The keyed-hash secret for API keys and runner tokens.
+    pub server_secret: Vec<u8>,
+    /// A key the proxy endpoint acts with when a browser request carries none.
+    pub proxy_key: Option<String>,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("public_url", &self.public_url.as_ref().map(|u| u.as_str()))
+            .field("tls", &self.tls)
+            .field("no_auth", &self.no_auth)
+            .field("max_attempts", &self.max_attempts)
+            .field("lease_ms", &self.lease_ms)
+            .field("server_secret", &"<redacted>")
+            .field("proxy_key", &self.proxy_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            public_url: None,
+            tls: false,
+            no_auth: false,
+            max_attempts: 10,
+            lease_ms: 30_000,
+            interactive_cap: 8,
+            body_limit: 32 * 1024 * 1024,
+            server_secret: vec![],
+            proxy_key: None,
+        }
+    }
+}
+
+/// What a stream subscriber receives.
+#[derive(Debug, Clone)]
+pub enum StreamMsg {
+    Partial(Value),
+    Done,
+}
+
+/// The gateway's shared state.
+pub struct Gateway {
+    pub cfg: GatewayConfig,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub boot_id: String,
+    pub apps: HashMap<String, Arc<CompiledApp>>,
+    pub hub: hub::Hub,
+    pub keys: auth::KeyCache,
+    /// Job ids whose state changed (status streams and waiters filter on it).
+    pub events: broadcast::Sender<String>,
+    /// Partial outputs for open `/stream` requests.
+    pub streams: Mutex<HashMap<String, mpsc::UnboundedSender<StreamMsg>>>,
+    /// Latest progress report of running jobs.
+    pub progress: Mutex<HashMap<String, Value>>,
+    pub shutdown: CancellationToken,
+    pub(crate) router: OnceLock<Router>,
+}
+
+impl Gateway {
+    /// Starts a boot: records it in the store (revoking the previous boot's runner tokens and ending its leases).
+    pub async fn new(
+        cfg: GatewayConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        apps: Vec<AppSpec>,
+    ) -> anyhow::Result<Arc<Gateway>> {
+        let boot_id = darkroom_core::ids::new_request_id();
+        let report = store.start_boot(&boot_id, clock.now_ms()).await?;
+        tracing::info!(
+            %boot_id,
+            requeued = report.requeued.len(),
+            failed = report.failed.len(),
+            tokens_revoked = report.tokens_revoked,
+            "boot recorded"
+        );
+        let mut compiled = HashMap::new();
+        for spec in apps {
+            let app = CompiledApp::compile(spec).map_err(|e| anyhow::anyhow!(e))?;
+            compiled.insert(app.spec.id.clone(), Arc::new(app));
+        }
+        metrics::install();
+        let gw = Arc::new(Gateway {
+            cfg,
+            store,
+            clock,
+            boot_id,
+            apps: compiled,
+            hub: hub::Hub::default(),
+            keys: auth::KeyCache::default(),
+            events: broadcast::channel(4096).0,
+            streams: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            router: OnceLock::new(),
+        });
+        let _ = gw.router.set(http::router(gw.clone()));
+        Ok(gw)
+    }
+
+    pub fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
+    /// The full HTTP service.
+    pub fn router(&self) -> Router {
+        self.router.get().expect("router is set in new()").clone()
+    }
+
+    /// Tells status streams and waiters that a job changed.
+    pub fn job_changed(&self, id: &str) {
+        let _ = self.events.send(id.to_string());
+    }
+
+    /// A job reached COMPLETED: wake waiters and streams, count it.
+    pub fn job_finished(&self, job: &JobRecord) {
+        self.progress.lock().unwrap().remove(&job.id);
+        if let Some(tx) = self.streams.lock().unwrap().get(&job.id) {
+            let _ = tx.send(StreamMsg::Done);
+        }
+        metrics::job_completed(job);
+        self.job_changed(&job.id);
+    }
+
+    async fn finished_by_id(&self, id: &str) {
+        match self.store.get_job(id).await {
+            Ok(Some(j)) => self.job_finished(&j),
+            _ => self.job_changed(id),
+        }
+    }
+
+    /// Applies the results of ended attempts: requeued jobs wake their dispatcher, completed ones their waiters.
+    pub async fn attempts_ended(&self, results: &[(String, AttemptResult)]) {
+        for (id, r) in results {
+            match r {
+                AttemptResult::Completed => self.finished_by_id(id).await,
+                AttemptResult::Requeued => {
+                    self.job_changed(id);
+                    if let Ok(Some(j)) = self.store.get_job(id).await {
+                        self.hub.kick(&j.app_id);
+                    }
+                }
+                AttemptResult::Stale => {}
+            }
+        }
+    }
+
+    /// Creates an API key; returns the credential (`key_id:secret`), shown once.
+    pub async fn create_key(&self, owner_id: &str, scope: Scope, name: &str) -> anyhow::Result<(KeyRecord, String)> {
+        let s = NewSecret::generate();
+        let rec = KeyRecord {
+            key_id: s.key_id.clone(),
+            owner_id: owner_id.into(),
+            secret_hash: keyed_hash(&self.cfg.server_secret, &s.secret),
+            scope: scope.as_str().into(),
+            name: name.into(),
+            created_at: self.now(),
+            revoked_at: None,
+        };
+        self.store.insert_key(&rec).await?;
+        Ok((rec, s.credential()))
+    }
+
+    /// Checks that a key credential is valid and active (the local admin key file is checked at start).
+    pub async fn key_is_valid(&self, credential: &str) -> bool {
+        let mut h = axum::http::HeaderMap::new();
+        match format!("Key {credential}").parse() {
+            Ok(v) => {
+                h.insert("authorization", v);
+                self.authenticate(&h).await.is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Mints a runner token for this boot (optionally bound to one app).
+    pub async fn mint_runner_token(&self, app_id: Option<&str>) -> anyhow::Result<String> {
+        let token = random_token();
+        self.store
+            .insert_runner_token(&RunnerTokenRecord {
+                token_hash: keyed_hash(&self.cfg.server_secret, &token),
+                boot_id: self.boot_id.clone(),
+                app_id: app_id.map(str::to_string),
+                created_at: self.now(),
+                revoked_at: None,
+            })
+            .await?;
+        Ok(token)
+    }
+
+    /// Cancels a job wherever it is; pushes a cancel to its runner if it was running.
+    pub async fn cancel_job(&self, id: &str) -> Result<darkroom_store::CancelResult, darkroom_store::StoreError> {
+        let res = self.store.cancel(id, self.now()).await?;
+        if let darkroom_store::CancelResult::Cancelled { running_on } = &res {
+            if let Some((runner, token)) = running_on {
+                self.hub.send(runner, darkroom_core::protocol::GatewayFrame::Cancel { job_id: id.into(), token: *token });
+            }
+            self.finished_by_id(id).await;
+        }
+        Ok(res)
+    }
+
+    /// Background work: lease expiry, start deadlines, gauges. Runs until shutdown.
+    pub async fn run_sweeper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = self.now();
+            match self.store.expire_leases(now).await {
+                Ok(r) if !r.is_empty() => {
+                    tracing::warn!(count = r.len(), "leases expired");
+                    self.attempts_ended(&r).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "lease expiry failed"),
+            }
+            match self.store.expire_start_deadlines(now).await {
+                Ok(ids) => {
+                    for id in ids {
+                        self.finished_by_id(&id).await;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "deadline expiry failed"),
+            }
+            if let Ok(depths) = self.store.app_depths().await {
+                metrics::set_depths(&self.apps, &depths);
+            }
+            self.hub.report_metrics();
+        }
+    }
+}

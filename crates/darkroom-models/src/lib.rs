@@ -1,1 +1,112 @@
-pub fn _x(){}
+//! Darkroom's built-in models behind one [`Model`] trait. A model is loaded once per runner process and run with a
+//! [`RunContext`] that gives it logs, progress, partial outputs and cancellation.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use darkroom_core::app::{AppKind, AppSpec};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub mod diagnostics;
+
+/// What a model reports while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelEvent {
+    Log { level: String, message: String },
+    Progress { fraction: f64, message: Option<String> },
+    Partial(Value),
+}
+
+/// Everything a model needs from its surroundings for one request.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub request_id: String,
+    /// 1 on the first attempt.
+    pub attempt: i64,
+    /// The endpoint path within the app (`""` for the root).
+    pub path: String,
+    /// Cancelled when the request is cancelled or its client went away.
+    pub cancel: CancellationToken,
+    events: mpsc::UnboundedSender<ModelEvent>,
+}
+
+impl RunContext {
+    pub fn new(
+        request_id: String,
+        attempt: i64,
+        path: String,
+        cancel: CancellationToken,
+        events: mpsc::UnboundedSender<ModelEvent>,
+    ) -> Self {
+        RunContext { request_id, attempt, path, cancel, events }
+    }
+    pub fn log(&self, level: &str, message: impl Into<String>) {
+        let _ = self.events.send(ModelEvent::Log { level: level.into(), message: message.into() });
+    }
+    pub fn progress(&self, fraction: f64, message: Option<String>) {
+        let _ = self.events.send(ModelEvent::Progress { fraction: fraction.clamp(0.0, 1.0), message });
+    }
+    pub fn partial(&self, data: Value) {
+        let _ = self.events.send(ModelEvent::Partial(data));
+    }
+}
+
+/// How a run failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelError {
+    /// The request was cancelled; the runner reports `request_cancelled`.
+    Cancelled,
+    /// The app's own failure: an HTTP status and the JSON body clients get as the result.
+    App { status: u16, body: Value },
+}
+
+impl ModelError {
+    pub fn app(status: u16, message: impl Into<String>) -> Self {
+        ModelError::App { status, body: json!({"detail": message.into()}) }
+    }
+}
+
+/// A built-in model.
+#[async_trait]
+pub trait Model: Send + Sync + 'static {
+    /// The app this model serves.
+    fn spec(&self) -> AppSpec;
+    /// Runs one request. Input has been validated against the input schema by the gateway.
+    async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError>;
+}
+
+/// Every built-in model's app spec.
+pub fn builtin_specs() -> Vec<AppSpec> {
+    vec![diagnostics::Diagnostics.spec()]
+}
+
+/// Loads a built-in model by app id.
+pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
+    match app_id {
+        diagnostics::APP_ID => Some(Arc::new(diagnostics::Diagnostics)),
+        _ => None,
+    }
+}
+
+/// Helper for specs of built-in apps.
+pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
+    id: &str,
+    title: &str,
+    description: &str,
+    max_multiplexing: u32,
+    streaming: bool,
+) -> AppSpec {
+    AppSpec {
+        id: id.into(),
+        title: title.into(),
+        description: description.into(),
+        kind: AppKind::Builtin,
+        paths: vec![String::new()],
+        input_schema: serde_json::to_value(schemars::schema_for!(I)).expect("schema serialises"),
+        output_schema: serde_json::to_value(schemars::schema_for!(O)).expect("schema serialises"),
+        max_multiplexing,
+        streaming,
+    }
+}

@@ -1,1 +1,312 @@
-fn main(){}
+//! `darkroom`: a self-hosted generative-media platform with a fal-compatible API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+mod client;
+mod serve;
+
+#[derive(Parser)]
+#[command(name = "darkroom", version, about = "Darkroom: self-hosted generative media with a fal-compatible API.",
+          long_about = "Darkroom serves image, audio and test models behind fal's queue API. The official fal clients \
+          (Python fal-client, JS @fal-ai/client) work against it unchanged.\n\nStart a server with `darkroom serve`; \
+          point clients at it with `eval \"$(darkroom env)\"`. Every other command talks to the running server \
+          found through the data folder.")]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `darkroom_gateway=debug`.
+    #[arg(long, env = "DARKROOM_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "DARKROOM_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct DataDirArg {
+    /// The data folder: database, files, TLS material, `local-admin.key`, `server.json`.
+    #[arg(long, env = "DARKROOM_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("darkroom");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/darkroom"),
+        None => PathBuf::from("darkroom-data"),
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: gateway, store and local runners for the built-in apps.
+    Serve(serve::ServeArgs),
+    /// Run a runner that serves one app, dialling out to a gateway.
+    Runner(RunnerArgs),
+    /// Print `export` lines that point the fal clients at the running server (use with `eval`).
+    Env(EnvArgs),
+    /// Manage API keys.
+    Keys {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Inspect runners.
+    Runners {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: RunnersCommand,
+    },
+    /// List recent requests.
+    Requests {
+        #[command(flatten)]
+        data: DataDirArg,
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only IN_QUEUE, IN_PROGRESS or COMPLETED.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Print the error catalog (Markdown).
+    Errors,
+}
+
+#[derive(clap::Args)]
+struct RunnerArgs {
+    /// The gateway's base URL, e.g. https://127.0.0.1:8080.
+    #[arg(long, env = "DARKROOM_GATEWAY")]
+    gateway: url::Url,
+    /// The runner token (from `darkroom serve` or `POST /v1/runner-tokens`).
+    #[arg(long, env = "DARKROOM_RUNNER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The app to serve, e.g. darkroom/diagnostics.
+    #[arg(long, env = "DARKROOM_APP")]
+    app: String,
+    /// Extra CA certificate (PEM) to trust for the gateway's TLS.
+    #[arg(long, env = "DARKROOM_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Exit when standard input closes (set by `darkroom serve` for its own runners).
+    #[arg(long)]
+    parent_stdin: bool,
+    /// Requests served at once (defaults to the app's max_multiplexing).
+    #[arg(long, env = "DARKROOM_MAX_MULTIPLEXING")]
+    max_multiplexing: Option<u32>,
+}
+
+#[derive(clap::Args)]
+struct EnvArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    /// Create a new client key instead of reusing the one saved in the data folder.
+    #[arg(long)]
+    new_key: bool,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; the secret is printed once.
+    Create {
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// `client` (submit and read own requests) or `admin`.
+        #[arg(long, default_value = "client")]
+        scope: String,
+        /// The owner the key belongs to (defaults to yours).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// List keys.
+    List,
+    /// Revoke a key by id.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand)]
+enum RunnersCommand {
+    /// List connected runners.
+    Ls,
+}
+
+fn init_tracing(filter: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, &cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Runner(a) => {
+                darkroom_runner::run_runner(darkroom_runner::RunnerConfig {
+                    gateway: a.gateway,
+                    token: a.token,
+                    app_id: a.app,
+                    ca_cert: a.ca_cert,
+                    parent_stdin: a.parent_stdin,
+                    max_multiplexing: a.max_multiplexing,
+                })
+                .await
+            }
+            Command::Env(a) => env_cmd(a).await,
+            Command::Keys { data, command } => keys_cmd(&data.data_dir, command).await,
+            Command::Runners { data, command: RunnersCommand::Ls } => {
+                let c = client::Client::admin(&data.data_dir)?;
+                let v = c.get("/v1/runners").await?;
+                println!("{:<38} {:<24} {:<8} {:>7} {:>5}", "RUNNER", "APP", "STATE", "PID", "JOBS");
+                for r in v["runners"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<38} {:<24} {:<8} {:>7} {:>2}/{:<2}",
+                        r["runner_id"].as_str().unwrap_or(""),
+                        r["app_id"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["pid"],
+                        r["in_flight"].as_array().map_or(0, |a| a.len()),
+                        r["max_multiplexing"]
+                    );
+                }
+                Ok(())
+            }
+            Command::Requests { data, app, status, limit } => {
+                let c = client::Client::admin(&data.data_dir)?;
+                let mut q = format!("/v1/requests?limit={limit}");
+                if let Some(a) = app {
+                    q.push_str(&format!("&app_id={}", url::form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()));
+                }
+                if let Some(s) = status {
+                    q.push_str(&format!("&status={s}"));
+                }
+                let v = c.get(&q).await?;
+                println!("{:<38} {:<24} {:<12} {:>3} {:<25} ERROR", "REQUEST", "APP", "STATUS", "TRY", "CREATED");
+                for r in v["requests"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<38} {:<24} {:<12} {:>3} {:<25} {}",
+                        r["request_id"].as_str().unwrap_or(""),
+                        r["app_id"].as_str().unwrap_or(""),
+                        r["status"].as_str().unwrap_or(""),
+                        r["attempts"],
+                        r["created_at"].as_str().unwrap_or(""),
+                        r["error_type"].as_str().unwrap_or("")
+                    );
+                }
+                Ok(())
+            }
+            Command::Errors => {
+                print!("{}", darkroom_core::error::catalog_markdown());
+                Ok(())
+            }
+        }
+    })
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+async fn env_cmd(a: EnvArgs) -> anyhow::Result<()> {
+    let dir = &a.data.data_dir;
+    let c = client::Client::admin(dir)?;
+    let key_file = dir.join("client.key");
+    let key = match std::fs::read_to_string(&key_file) {
+        Ok(k) if !a.new_key && !k.trim().is_empty() && c.key_works(k.trim()).await => k.trim().to_string(),
+        _ => {
+            let v = c.post("/v1/keys", &json!({"name": "darkroom env", "scope": "client"})).await?;
+            let k = v["key"].as_str().context("server returned no key")?.to_string();
+            serve::write_private(&key_file, &k)?;
+            k
+        }
+    };
+    let info = &c.info;
+    let url = url::Url::parse(&info.url)?;
+    let hostport = format!("{}{}", url.host_str().unwrap_or("127.0.0.1"), url.port().map(|p| format!(":{p}")).unwrap_or_default());
+    let path = url.path().trim_end_matches('/');
+    println!("# Darkroom at {} (data folder {})", info.url, dir.display());
+    println!("export FAL_KEY={}", shell_quote(&key));
+    println!("export FAL_RUN_HOST={}", shell_quote(&format!("{hostport}{path}/run")));
+    println!("export FAL_QUEUE_RUN_HOST={}", shell_quote(&format!("{hostport}{path}/queue")));
+    if let Some(bundle) = &info.ca_bundle {
+        println!("export SSL_CERT_FILE={}", shell_quote(bundle));
+    }
+    if let Some(ca) = &info.ca_cert {
+        println!("export NODE_EXTRA_CA_CERTS={}", shell_quote(ca));
+    }
+    if url.scheme() != "https" {
+        println!("# Without --tls the Python client cannot connect (it always uses https); the JS recipe below works.");
+    }
+    let base = info.url.trim_end_matches('/');
+    println!("#");
+    println!("# JavaScript (@fal-ai/client), with FAL_KEY from the environment:");
+    println!("#   import {{ createFalClient }} from \"@fal-ai/client\";");
+    println!("#   const BASE = \"{base}\";");
+    println!("#   const rewrite = (u) => u.replace(/^https:\\/\\/queue\\.fal\\.run\\//, `${{BASE}}/queue/`)");
+    println!("#     .replace(/^https:\\/\\/fal\\.run\\//, `${{BASE}}/run/`).replace(/^https:\\/\\/rest\\.fal\\.ai\\//, `${{BASE}}/rest/`);");
+    println!("#   export const fal = createFalClient({{ requestMiddleware: async (r) => ({{ ...r, url: rewrite(r.url) }}) }});");
+    println!("# Or the proxy protocol: createFalClient({{ proxyUrl: {{ url: \"{base}/api/fal/proxy\", when: \"always\" }} }})");
+    Ok(())
+}
+
+async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
+    let c = client::Client::admin(dir)?;
+    match cmd {
+        KeysCommand::Create { name, scope, owner } => {
+            let mut body = json!({"name": name, "scope": scope});
+            if let Some(o) = owner {
+                body["owner_id"] = Value::String(o);
+            }
+            let v = c.post("/v1/keys", &body).await?;
+            eprintln!("Key created for owner {} with scope {}. The secret is shown only now:", v["owner_id"], v["scope"]);
+            println!("{}", v["key"].as_str().unwrap_or_default());
+        }
+        KeysCommand::List => {
+            let v = c.get("/v1/keys").await?;
+            println!("{:<20} {:<16} {:<7} {:<9} NAME", "KEY", "OWNER", "SCOPE", "STATE");
+            for k in v["keys"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<20} {:<16} {:<7} {:<9} {}",
+                    k["key_id"].as_str().unwrap_or(""),
+                    k["owner_id"].as_str().unwrap_or(""),
+                    k["scope"].as_str().unwrap_or(""),
+                    if k["revoked_at"].is_null() { "active" } else { "revoked" },
+                    k["name"].as_str().unwrap_or("")
+                );
+            }
+        }
+        KeysCommand::Revoke { key_id } => {
+            c.delete(&format!("/v1/keys/{key_id}")).await?;
+            println!("revoked {key_id}");
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `--no-auth` unless every listen address is loopback.
+pub fn check_no_auth(addr: &SocketAddr, no_auth: bool) -> anyhow::Result<()> {
+    if no_auth && !addr.ip().is_loopback() {
+        bail!("--no-auth is only allowed on a loopback address (listening on {addr})");
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _unused(_: Arc<()>) {}

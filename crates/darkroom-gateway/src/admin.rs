@@ -1,0 +1,160 @@
+//! The platform API under `/v1`: keys, runner tokens, runners, requests, apps.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use darkroom_core::ErrorType;
+use darkroom_core::auth::Scope;
+use darkroom_store::JobFilter;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::Gateway;
+use crate::error::{ApiErr, ApiResult, err};
+use crate::http::json_response;
+
+pub fn router() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{key_id}", delete(revoke_key))
+        .route("/v1/runner-tokens", post(create_runner_token))
+        .route("/v1/runners", get(list_runners))
+        .route("/v1/requests", get(list_requests))
+        .route("/v1/apps", get(list_apps))
+}
+
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &axum::body::Bytes) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiErr(darkroom_core::app::json_decode_error(&e.to_string())))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    owner_id: Option<String>,
+}
+
+async fn create_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+    let caller = gw.authenticate(&headers).await?;
+    caller.require_admin()?;
+    let req: CreateKey = json_body(&body)?;
+    let scope = match req.scope.as_deref() {
+        None => Scope::Client,
+        Some(s) => Scope::parse(s).ok_or_else(|| {
+            ApiErr(darkroom_core::app::validation_error(vec![
+                json!({"loc": ["body", "scope"], "msg": "must be 'client' or 'admin'", "type": "enum"}),
+            ]))
+        })?,
+    };
+    let owner = req.owner_id.unwrap_or_else(|| caller.owner_id.clone());
+    if owner.is_empty() || owner.len() > 128 {
+        return Err(err(ErrorType::ValidationError, "owner_id must be 1 to 128 characters"));
+    }
+    let (rec, credential) = gw.create_key(&owner, scope, &req.name).await.map_err(|e| {
+        tracing::error!(error = %e, "creating key failed");
+        ApiErr(darkroom_core::ApiError::internal())
+    })?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"key_id": rec.key_id, "key": credential, "owner_id": rec.owner_id, "scope": rec.scope, "name": rec.name}),
+        None,
+    ))
+}
+
+async fn list_keys(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let caller = gw.authenticate(&headers).await?;
+    let owner = if caller.is_admin() { None } else { Some(caller.owner_id.as_str()) };
+    let keys = gw.store.list_keys(owner).await?;
+    Ok(Json(json!({"keys": keys})))
+}
+
+async fn revoke_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Path(key_id): Path<String>) -> ApiResult<Json<Value>> {
+    let caller = gw.authenticate(&headers).await?;
+    caller.require_admin()?;
+    if !gw.store.revoke_key(&key_id, gw.now()).await? {
+        return Err(err(ErrorType::NotFound, format!("No active key '{}'", key_id.escape_default())));
+    }
+    gw.keys.invalidate(&key_id);
+    Ok(Json(json!({"key_id": key_id, "revoked": true})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRunnerToken {
+    #[serde(default)]
+    app_id: Option<String>,
+}
+
+async fn create_runner_token(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+    let caller = gw.authenticate(&headers).await?;
+    caller.require_admin()?;
+    let req: CreateRunnerToken = json_body(&body)?;
+    if let Some(app) = &req.app_id {
+        if !gw.apps.contains_key(app) {
+            return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.escape_default())));
+        }
+    }
+    let token = gw.mint_runner_token(req.app_id.as_deref()).await.map_err(|e| {
+        tracing::error!(error = %e, "minting runner token failed");
+        ApiErr(darkroom_core::ApiError::internal())
+    })?;
+    Ok(json_response(StatusCode::CREATED, &json!({"token": token, "boot_id": gw.boot_id, "app_id": req.app_id}), None))
+}
+
+async fn list_runners(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    gw.authenticate(&headers).await?.require_admin()?;
+    Ok(Json(json!({"runners": gw.hub.list()})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListRequests {
+    app_id: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_requests(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(q): Query<ListRequests>,
+) -> ApiResult<Json<Value>> {
+    let caller = gw.authenticate(&headers).await?;
+    let state = match q.status.as_deref() {
+        None => None,
+        Some("IN_QUEUE") => Some("queued"),
+        Some("IN_PROGRESS") => Some("running"),
+        Some("COMPLETED") => Some("completed"),
+        Some(_) => return Err(err(ErrorType::InvalidRequest, "status must be IN_QUEUE, IN_PROGRESS or COMPLETED")),
+    };
+    let filter = JobFilter {
+        owner_id: if caller.is_admin() { None } else { Some(caller.owner_id.clone()) },
+        app_id: q.app_id,
+        state: state.map(str::to_string),
+        limit: q.limit.unwrap_or(100),
+    };
+    let jobs = gw.store.list_jobs(&filter).await?;
+    Ok(Json(json!({"requests": jobs.iter().map(crate::queue::summary).collect::<Vec<_>>()})))
+}
+
+async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    gw.authenticate(&headers).await?;
+    let mut apps: Vec<Value> = gw
+        .apps
+        .values()
+        .map(|a| json!({"id": a.spec.id, "title": a.spec.title, "description": a.spec.description, "kind": a.spec.kind,
+                         "max_multiplexing": a.spec.max_multiplexing, "streaming": a.spec.streaming}))
+        .collect();
+    apps.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Ok(Json(json!({"apps": apps})))
+}

@@ -1,0 +1,365 @@
+//! Runner connections: the control channel's server side, the registry of connected runners, and one dispatcher
+//! per app that hands queued jobs to runners with free slots (claim committed in the store first).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use darkroom_core::ErrorType;
+use darkroom_core::auth::{Credential, keyed_hash, parse_authorization};
+use darkroom_core::job::{LogEntry, Outcome, normalize_level};
+use darkroom_core::protocol::{GatewayFrame, PROTOCOL_VERSION, RunnerFrame};
+use darkroom_store::CompleteResult;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::{ApiErr, err};
+use crate::{Gateway, StreamMsg, metrics};
+
+/// A connected runner, as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunnerInfo {
+    pub runner_id: String,
+    pub app_id: String,
+    /// IDLE or RUNNING.
+    pub state: &'static str,
+    pub pid: u32,
+    pub max_multiplexing: u32,
+    pub in_flight: Vec<String>,
+    pub hints: Vec<String>,
+    pub connected_at: i64,
+}
+
+struct Conn {
+    info: RunnerInfo,
+    tx: mpsc::UnboundedSender<GatewayFrame>,
+    in_flight: HashMap<String, i64>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    runners: Mutex<HashMap<String, Conn>>,
+    kicks: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Hub {
+    /// Wakes the app's dispatcher.
+    pub fn kick(&self, app_id: &str) {
+        if let Some(n) = self.kicks.lock().unwrap().get(app_id) {
+            n.notify_one();
+        }
+    }
+
+    pub fn send(&self, runner_id: &str, frame: GatewayFrame) -> bool {
+        match self.runners.lock().unwrap().get(runner_id) {
+            Some(c) => c.tx.send(frame).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn list(&self) -> Vec<RunnerInfo> {
+        let m = self.runners.lock().unwrap();
+        let mut v: Vec<RunnerInfo> = m
+            .values()
+            .map(|c| {
+                let mut i = c.info.clone();
+                i.in_flight = c.in_flight.keys().cloned().collect();
+                i.state = if c.in_flight.is_empty() { "IDLE" } else { "RUNNING" };
+                i
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.app_id, a.connected_at).cmp(&(&b.app_id, b.connected_at)));
+        v
+    }
+
+    pub fn report_metrics(&self) {
+        metrics::set_runner_states(&self.list());
+    }
+
+    /// Picks a runner of `app_id` with a free slot, preferring one matching `hint`.
+    fn pick(&self, app_id: &str, hint: Option<&str>) -> Option<String> {
+        let m = self.runners.lock().unwrap();
+        let free: Vec<&Conn> = m
+            .values()
+            .filter(|c| c.info.app_id == app_id && (c.in_flight.len() as u32) < c.info.max_multiplexing)
+            .collect();
+        if let Some(h) = hint {
+            if let Some(c) = free.iter().find(|c| c.info.runner_id == h || c.info.hints.iter().any(|x| x == h)) {
+                return Some(c.info.runner_id.clone());
+            }
+        }
+        free.iter()
+            .max_by_key(|c| (c.info.max_multiplexing as usize - c.in_flight.len(), std::cmp::Reverse(c.info.connected_at)))
+            .map(|c| c.info.runner_id.clone())
+    }
+
+    fn in_flight_token(&self, runner_id: &str, job_id: &str) -> Option<i64> {
+        self.runners.lock().unwrap().get(runner_id).and_then(|c| c.in_flight.get(job_id).copied())
+    }
+
+    fn notify_for(&self, app_id: &str) -> Arc<Notify> {
+        self.kicks.lock().unwrap().entry(app_id.to_string()).or_default().clone()
+    }
+}
+
+/// Starts the dispatcher of every registered app.
+pub fn start_dispatchers(gw: &Arc<Gateway>) {
+    for app_id in gw.apps.keys() {
+        let notify = gw.hub.notify_for(app_id);
+        tokio::spawn(dispatcher(gw.clone(), app_id.clone(), notify));
+    }
+}
+
+async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
+    loop {
+        if let Err(e) = dispatch_app(&gw, &app_id).await {
+            tracing::error!(app = %app_id, error = %e, "dispatch failed");
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            // A safety net only: every state change that frees a slot or queues a job kicks the dispatcher.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = gw.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_store::StoreError> {
+    loop {
+        if gw.hub.pick(app_id, None).is_none() {
+            return Ok(());
+        }
+        let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
+        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref()) else { return Ok(()) };
+        let now = gw.now();
+        let Some(job) = gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await? else { continue };
+        metrics::job_started(&job, now);
+        let input: Value = serde_json::from_str(&job.input).unwrap_or(Value::Null);
+        let frame = GatewayFrame::Assign {
+            job_id: job.id.clone(),
+            token: job.attempts,
+            attempt: job.attempts,
+            app_id: job.app_id.clone(),
+            path: job.path.clone(),
+            mode: job.mode.as_str().into(),
+            input,
+        };
+        let sent = {
+            let mut m = gw.hub.runners.lock().unwrap();
+            match m.get_mut(&runner_id) {
+                Some(c) if c.tx.send(frame).is_ok() => {
+                    c.in_flight.insert(job.id.clone(), job.attempts);
+                    true
+                }
+                _ => false,
+            }
+        };
+        gw.job_changed(&job.id);
+        if !sent {
+            // The runner went away between pick and send: its leases end now.
+            let r = gw.store.release_runner(&runner_id, gw.now()).await?;
+            gw.attempts_ended(&r).await;
+        }
+    }
+}
+
+/// `GET /internal/runner/connect`: a runner's control channel. `Authorization: Bearer <runner token>`.
+pub async fn connect(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_authorization(v).ok());
+    let Some(Credential::Bearer(token)) = token else {
+        return ApiErr::from(darkroom_core::ApiError::new(ErrorType::RunnerTokenInvalid, "Runner token required"))
+            .into_response();
+    };
+    let hash = keyed_hash(&gw.cfg.server_secret, &token);
+    let rec = match gw.store.get_runner_token(&hash).await {
+        Ok(r) => r,
+        Err(e) => return ApiErr::from(e).into_response(),
+    };
+    let Some(rec) = rec.filter(|r| r.revoked_at.is_none() && r.boot_id == gw.boot_id) else {
+        return err(ErrorType::RunnerTokenInvalid, "Runner token is unknown, revoked or from a previous boot").into_response();
+    };
+    ws.max_message_size(64 << 20).on_upgrade(move |socket| serve_runner(gw, socket, rec.app_id))
+}
+
+fn send_frame(f: &GatewayFrame) -> Message {
+    Message::Text(serde_json::to_string(f).unwrap_or_default().into())
+}
+
+async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option<String>) {
+    // Hello first.
+    let hello = match tokio::time::timeout(Duration::from_secs(10), socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<RunnerFrame>(&t).ok(),
+        _ => None,
+    };
+    let Some(RunnerFrame::Hello { protocol, app_id, max_multiplexing, pid, hints, .. }) = hello else {
+        let _ = socket.send(send_frame(&GatewayFrame::Shutdown { reason: "expected hello".into() })).await;
+        return;
+    };
+    let refuse = |reason: String| GatewayFrame::Shutdown { reason };
+    if protocol != PROTOCOL_VERSION {
+        let _ = socket.send(send_frame(&refuse(format!("protocol {protocol} not supported")))).await;
+        return;
+    }
+    if !gw.apps.contains_key(&app_id) || token_app.as_ref().is_some_and(|a| a != &app_id) {
+        let _ = socket.send(send_frame(&refuse(format!("app '{app_id}' not served by this token or gateway")))).await;
+        return;
+    }
+    let runner_id = darkroom_core::ids::new_request_id();
+    let heartbeat_ms = (gw.cfg.lease_ms / 3).max(100) as u64;
+    if socket
+        .send(send_frame(&GatewayFrame::Welcome { runner_id: runner_id.clone(), heartbeat_ms, lease_ms: gw.cfg.lease_ms as u64 }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    gw.hub.runners.lock().unwrap().insert(
+        runner_id.clone(),
+        Conn {
+            info: RunnerInfo {
+                runner_id: runner_id.clone(),
+                app_id: app_id.clone(),
+                state: "IDLE",
+                pid,
+                max_multiplexing: max_multiplexing.clamp(1, 1024),
+                in_flight: vec![],
+                hints,
+                connected_at: gw.now(),
+            },
+            tx,
+            in_flight: HashMap::new(),
+        },
+    );
+    tracing::info!(%runner_id, app = %app_id, pid, "runner joined");
+    gw.hub.kick(&app_id);
+    let silence = Duration::from_millis(heartbeat_ms * 3);
+    loop {
+        tokio::select! {
+            msg = tokio::time::timeout(silence, socket.recv()) => {
+                let text = match msg {
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => break,
+                    Ok(Some(Ok(_))) => continue,
+                    Err(_) => { tracing::warn!(%runner_id, "runner silent; dropping it"); break; }
+                };
+                match serde_json::from_str::<RunnerFrame>(&text) {
+                    Ok(frame) => handle_frame(&gw, &runner_id, &app_id, frame).await,
+                    Err(e) => tracing::warn!(%runner_id, error = %e, "bad frame from runner"),
+                }
+            }
+            out = rx.recv() => {
+                let Some(frame) = out else { break };
+                if socket.send(send_frame(&frame)).await.is_err() { break; }
+            }
+            _ = gw.shutdown.cancelled() => {
+                let _ = socket.send(send_frame(&GatewayFrame::Shutdown { reason: "gateway shutting down".into() })).await;
+                break;
+            }
+        }
+    }
+    gw.hub.runners.lock().unwrap().remove(&runner_id);
+    tracing::info!(%runner_id, app = %app_id, "runner left");
+    match gw.store.release_runner(&runner_id, gw.now()).await {
+        Ok(r) => gw.attempts_ended(&r).await,
+        Err(e) => tracing::error!(error = %e, "releasing runner failed"),
+    }
+    gw.hub.kick(&app_id);
+}
+
+fn refused(gw: &Gateway, runner_id: &str, job_id: &str, token: i64, reason: &str) {
+    gw.hub.send(runner_id, GatewayFrame::Refused { job_id: job_id.into(), token, reason: reason.into() });
+}
+
+async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: RunnerFrame) {
+    let now = gw.now();
+    match frame {
+        RunnerFrame::Hello { .. } | RunnerFrame::Ack { .. } => {}
+        RunnerFrame::Heartbeat { .. } => {
+            if let Err(e) = gw.store.extend_leases(runner_id, now + gw.cfg.lease_ms).await {
+                tracing::error!(error = %e, "extending leases failed");
+            }
+        }
+        RunnerFrame::Log { job_id, token, level, message, timestamp } => {
+            let entry = LogEntry { timestamp, level: normalize_level(&level).into(), message };
+            match gw.store.append_logs(&job_id, token, &[entry]).await {
+                Ok(true) => gw.job_changed(&job_id),
+                Ok(false) => refused(gw, runner_id, &job_id, token, "stale token"),
+                Err(e) => tracing::error!(error = %e, "appending logs failed"),
+            }
+        }
+        RunnerFrame::Progress { job_id, token, fraction, message } => {
+            if gw.hub.in_flight_token(runner_id, &job_id) == Some(token) {
+                gw.progress
+                    .lock()
+                    .unwrap()
+                    .insert(job_id.clone(), serde_json::json!({"fraction": fraction, "message": message}));
+                gw.job_changed(&job_id);
+            }
+        }
+        RunnerFrame::Partial { job_id, token, data } => {
+            if gw.hub.in_flight_token(runner_id, &job_id) == Some(token) {
+                if let Some(tx) = gw.streams.lock().unwrap().get(&job_id) {
+                    let _ = tx.send(StreamMsg::Partial(data));
+                }
+            } else {
+                refused(gw, runner_id, &job_id, token, "stale token");
+            }
+        }
+        RunnerFrame::Complete { job_id, token, status, body, error_type, inference_ms } => {
+            if let Some(c) = gw.hub.runners.lock().unwrap().get_mut(runner_id) {
+                c.in_flight.remove(&job_id);
+            }
+            gw.hub.kick(app_id);
+            let body_s = body.to_string();
+            let result = if status == 200 {
+                gw.store.complete(&job_id, token, &Outcome::success(body_s, inference_ms), now).await.map(|r| r == CompleteResult::Applied)
+            } else {
+                let message = match body.get("detail") {
+                    Some(Value::String(s)) => s.clone(),
+                    _ => format!("Invalid status code: {status}"),
+                };
+                let outcome = Outcome {
+                    status,
+                    body: body_s,
+                    error: Some(message),
+                    error_type: Some(error_type.unwrap_or_else(|| "app_error".into())),
+                    inference_ms,
+                };
+                if status == 503 || status == 504 {
+                    // fal's queue retries 503 and 504 (unless x-fal-no-retry).
+                    match gw.store.fail_attempt(&job_id, token, &outcome, now).await {
+                        Ok(r) => {
+                            let applied = r != darkroom_store::AttemptResult::Stale;
+                            gw.attempts_ended(&[(job_id.clone(), r)]).await;
+                            if !applied {
+                                refused(gw, runner_id, &job_id, token, "stale token");
+                            }
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    gw.store.complete(&job_id, token, &outcome, now).await.map(|r| r == CompleteResult::Applied)
+                }
+            };
+            match result {
+                Ok(true) => {
+                    if let Ok(Some(j)) = gw.store.get_job(&job_id).await {
+                        gw.job_finished(&j);
+                    }
+                }
+                Ok(false) => refused(gw, runner_id, &job_id, token, "stale token: the attempt is no longer current"),
+                Err(e) => tracing::error!(error = %e, "completing job failed"),
+            }
+        }
+    }
+}

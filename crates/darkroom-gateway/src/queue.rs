@@ -1,0 +1,378 @@
+//! The queue host: submit, status, status stream (SSE), result, cancel (fal-protocol.md §1.3, §2, §10.3–10.7).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use darkroom_core::app::{CompiledApp, json_decode_error};
+use darkroom_core::ids::AppRef;
+use darkroom_core::job::{JobMode, JobRecord, JobState, NewJob, parse_flag, parse_priority, parse_request_timeout, priority};
+use darkroom_core::route::{QueueRoute, route_queue};
+use darkroom_core::{ApiError, ErrorType, iso8601};
+use darkroom_store::CancelResult;
+use serde_json::{Value, json};
+
+use crate::Gateway;
+use crate::auth::Caller;
+use crate::error::{ApiErr, ApiResult, err};
+use crate::http::{Routed, base_url, json_response, request_id_header};
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiErr> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| err(ErrorType::InvalidRequest, format!("header {name} is not valid ASCII"))),
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// Whether `?logs=` asks for logs (`1` or `true`).
+pub fn wants_logs(query: Option<&str>) -> bool {
+    query_param(query, "logs").is_some_and(|v| parse_flag(&v))
+}
+
+/// Validates and durably enqueues a request; the shared path of submit, sync run and stream.
+#[allow(clippy::too_many_arguments)]
+pub async fn enqueue_request(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    app: &AppRef,
+    path: &str,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    mode: JobMode,
+) -> ApiResult<(Arc<CompiledApp>, JobRecord)> {
+    enqueue_request_with(gw, caller, app, path, method, query, headers, body, mode, |_| {}).await
+}
+
+/// [`enqueue_request`], calling `before_enqueue` with the new id just before the job becomes visible.
+#[allow(clippy::too_many_arguments)]
+pub async fn enqueue_request_with(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    app: &AppRef,
+    path: &str,
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    mode: JobMode,
+    before_enqueue: impl FnOnce(&str),
+) -> ApiResult<(Arc<CompiledApp>, JobRecord)> {
+    let Some(compiled) = gw.apps.get(&app.id()).cloned() else {
+        return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.id())));
+    };
+    if !compiled.has_path(path) {
+        return Err(err(ErrorType::EndpointNotFound, format!("Path /{path} not found")));
+    }
+    let input: Value = if method == Method::GET {
+        let map: serde_json::Map<String, Value> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .filter(|(k, _)| !k.starts_with("fal_"))
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        Value::Object(map)
+    } else if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiErr(json_decode_error(&e.to_string())))?
+    };
+    compiled.validate(&input).map_err(ApiErr)?;
+
+    let now = gw.now();
+    let start_deadline = match header(headers, "x-fal-request-timeout")? {
+        Some(v) => Some(now + parse_request_timeout(v).map_err(ApiErr)?),
+        None => None,
+    };
+    let runner_hint = header(headers, "x-fal-runner-hint")?.map(|s| s.chars().take(256).collect());
+    let no_retry = header(headers, "x-fal-no-retry")?.is_some_and(parse_flag);
+    let store_io = header(headers, "x-fal-store-io")?.is_none_or(|v| v.trim() != "0");
+    let prio = match mode {
+        JobMode::Queue => match header(headers, "x-fal-queue-priority")? {
+            Some(v) => parse_priority(v).map_err(ApiErr)?,
+            None => priority::NORMAL,
+        },
+        // Interactive requests jump the queue, but only a few per key at a time so bursts cannot starve it.
+        JobMode::Sync | JobMode::Stream => {
+            if gw.store.count_queued_for_key(&caller.key_id, priority::INTERACTIVE).await? < gw.cfg.interactive_cap {
+                priority::INTERACTIVE
+            } else {
+                priority::NORMAL
+            }
+        }
+    };
+    let webhook_url = match (mode, query_param(query, "fal_webhook")) {
+        (JobMode::Queue, Some(u)) => match url::Url::parse(&u) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Some(u),
+            _ => {
+                return Err(ApiErr(darkroom_core::app::validation_error(vec![json!({
+                    "loc": ["query", "fal_webhook"], "msg": "must be an absolute http(s) URL", "type": "url_parsing"
+                })])));
+            }
+        },
+        _ => None,
+    };
+    let job = NewJob {
+        id: darkroom_core::ids::new_request_id(),
+        app_id: compiled.spec.id.clone(),
+        path: path.to_string(),
+        owner_id: caller.owner_id.clone(),
+        key_id: caller.key_id.clone(),
+        mode,
+        priority: prio,
+        input: input.to_string(),
+        max_attempts: gw.cfg.max_attempts,
+        no_retry,
+        start_deadline,
+        runner_hint,
+        webhook_url,
+        store_io,
+        boot_id: gw.boot_id.clone(),
+        created_at: now,
+    };
+    before_enqueue(&job.id);
+    let rec = gw.store.enqueue(&job).await?;
+    metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str()).increment(1);
+    gw.hub.kick(&rec.app_id);
+    Ok((compiled, rec))
+}
+
+/// The URLs of a request: `{base}/{app}/requests/{id}`.
+fn urls(base: &str, job: &JobRecord) -> (String, String, String) {
+    let r = format!("{base}/{}/requests/{}", job.app_id, job.id);
+    (r.clone(), format!("{r}/status"), format!("{r}/cancel"))
+}
+
+/// A status object as fal's clients read it (fal-protocol.md §1.5).
+pub async fn status_body(gw: &Gateway, job: &JobRecord, base: &str, logs: bool) -> ApiResult<Value> {
+    let (response_url, status_url, cancel_url) = urls(base, job);
+    let mut v = json!({
+        "status": job.state.fal_status(),
+        "request_id": job.id,
+        "response_url": response_url,
+        "status_url": status_url,
+        "cancel_url": cancel_url,
+        "logs": Value::Null,
+    });
+    if logs && job.state != JobState::Queued {
+        let entries = gw.store.get_logs(&job.id).await?;
+        v["logs"] = Value::Array(
+            entries
+                .into_iter()
+                .map(|e| json!({"message": e.message, "level": e.level, "source": "USER", "timestamp": iso8601(e.timestamp)}))
+                .collect(),
+        );
+    }
+    match job.state {
+        JobState::Queued => {
+            v["queue_position"] = json!(gw.store.queue_position(&job.id).await?.unwrap_or(0));
+        }
+        JobState::Running => {
+            if let Some(p) = gw.progress.lock().unwrap().get(&job.id) {
+                v["progress"] = p.clone();
+            }
+        }
+        JobState::Completed => {
+            let mut metrics = json!({});
+            if let Some(ms) = job.inference_ms {
+                metrics["inference_time"] = json!(ms as f64 / 1000.0);
+            }
+            v["metrics"] = metrics;
+            if let Some(t) = &job.error_type {
+                v["error"] = json!(job.error.clone().unwrap_or_default());
+                v["error_type"] = json!(t);
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Loads a job the caller may see, for the app in the URL.
+pub async fn visible_job(gw: &Gateway, caller: &Caller, app: &AppRef, id: &str) -> ApiResult<JobRecord> {
+    match gw.store.get_job(id).await? {
+        Some(j) if caller.can_see(&j.owner_id) && j.app_id == app.id() => Ok(j),
+        _ => Err(err(ErrorType::RequestNotFound, format!("Request '{id}' not found"))),
+    }
+}
+
+/// `/queue/{*rest}`, any method.
+pub async fn handle(
+    State(gw): State<Arc<Gateway>>,
+    method: Method,
+    Path(rest): Path<String>,
+    RawQuery(query): RawQuery,
+    routed: Routed,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    match handle_inner(gw, method, rest, query, routed, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle_inner(
+    gw: Arc<Gateway>,
+    method: Method,
+    rest: String,
+    query: Option<String>,
+    routed: Routed,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Response> {
+    let route = route_queue(method.as_str(), &rest).map_err(ApiErr)?;
+    if let QueueRoute::OpenApi { app } = &route {
+        return crate::openapi::app_openapi(&gw, app);
+    }
+    let caller = gw.authenticate(&headers).await?;
+    let base = base_url(&gw, &headers, &routed, "queue");
+    match route {
+        QueueRoute::Submit { app, path } => {
+            let body = body.map_err(body_error)?;
+            let (_, job) = enqueue_request(&gw, &caller, &app, &path, &method, query.as_deref(), &headers, &body, JobMode::Queue).await?;
+            let (response_url, status_url, cancel_url) = urls(&base, &job);
+            let pos = gw.store.queue_position(&job.id).await?.unwrap_or(0);
+            let body = json!({
+                "request_id": job.id, "gateway_request_id": job.id, "status": "IN_QUEUE", "queue_position": pos,
+                "response_url": response_url, "status_url": status_url, "cancel_url": cancel_url,
+            });
+            Ok(json_response(StatusCode::OK, &body, Some(&job.id)))
+        }
+        QueueRoute::Status { app, request_id } => {
+            let job = visible_job(&gw, &caller, &app, &request_id).await?;
+            let v = status_body(&gw, &job, &base, wants_logs(query.as_deref())).await?;
+            let code = if job.state == JobState::Completed { StatusCode::OK } else { StatusCode::ACCEPTED };
+            Ok(json_response(code, &v, Some(&job.id)))
+        }
+        QueueRoute::StatusStream { app, request_id } => {
+            let job = visible_job(&gw, &caller, &app, &request_id).await?;
+            Ok(status_stream(gw, job, base, wants_logs(query.as_deref())))
+        }
+        QueueRoute::Result { app, request_id } => {
+            let job = visible_job(&gw, &caller, &app, &request_id).await?;
+            Ok(result_response(&job))
+        }
+        QueueRoute::Cancel { app, request_id } => {
+            let job = visible_job(&gw, &caller, &app, &request_id).await?;
+            let (code, status) = match gw.cancel_job(&job.id).await? {
+                CancelResult::Cancelled { .. } => (StatusCode::ACCEPTED, "CANCELLATION_REQUESTED"),
+                CancelResult::AlreadyCompleted => (StatusCode::BAD_REQUEST, "ALREADY_COMPLETED"),
+                CancelResult::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            };
+            let mut body = json!({"status": status});
+            if code == StatusCode::BAD_REQUEST {
+                body["detail"] = json!("Request already completed");
+                body["error_type"] = json!("conflict");
+            }
+            Ok(json_response(code, &body, Some(&job.id)))
+        }
+        QueueRoute::OpenApi { .. } => unreachable!("handled above"),
+    }
+}
+
+pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiErr {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        err(ErrorType::PayloadTooLarge, "Request body is too large")
+    } else {
+        err(ErrorType::InvalidRequest, format!("Could not read the request body: {e}"))
+    }
+}
+
+/// The stored result: the output (200) or the failure's status and body.
+pub fn result_response(job: &JobRecord) -> Response {
+    if job.state != JobState::Completed {
+        let mut r = ApiErr(ApiError::new(ErrorType::RequestNotCompleted, "Request is still in progress")).into_response();
+        r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
+        return r;
+    }
+    let status = StatusCode::from_u16(job.result_status.unwrap_or(500) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = job.result_body.clone().unwrap_or_else(|| "null".into());
+    let mut r = (status, [("content-type", "application/json")], body).into_response();
+    let h = r.headers_mut();
+    h.insert("x-fal-request-id", request_id_header(&job.id));
+    if let Some(t) = job.error_type.as_deref() {
+        if t != "app_error" {
+            if let Ok(v) = HeaderValue::from_str(t) {
+                h.insert("x-fal-error-type", v);
+            }
+        }
+        if t == ErrorType::RequestTimeout.as_str() {
+            h.insert("x-fal-request-timeout-type", HeaderValue::from_static("user"));
+        }
+    }
+    r
+}
+
+/// Waits until the job changes (or a safety interval passes).
+pub async fn wait_change(rx: &mut tokio::sync::broadcast::Receiver<String>, id: &str, max: Duration) {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(x)) if x == id => return,
+            Ok(Ok(_)) => continue,
+            // Lagged or closed: re-read the state.
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// `GET …/status/stream`: one event per change, ASCII JSON, comment keep-alives, closed right after COMPLETED.
+fn status_stream(gw: Arc<Gateway>, job: JobRecord, base: String, logs: bool) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(16);
+    let id = job.id.clone();
+    tokio::spawn(async move {
+        let mut events = gw.events.subscribe();
+        let mut last = String::new();
+        loop {
+            let job = match gw.store.get_job(&id).await {
+                Ok(Some(j)) => j,
+                _ => return,
+            };
+            let Ok(v) = status_body(&gw, &job, &base, logs).await else { return };
+            let s = darkroom_core::json::to_ascii_string(&v);
+            if s != last {
+                if tx.send(Ok(Event::default().data(s.clone()))).await.is_err() {
+                    return;
+                }
+                last = s;
+            }
+            if job.state == JobState::Completed {
+                return;
+            }
+            tokio::select! {
+                _ = wait_change(&mut events, &id, Duration::from_secs(5)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut r = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)).text("ping")).into_response();
+    r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
+    r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `GET /v1/requests/{id}` is in admin; this is the JSON for listings.
+pub fn summary(job: &JobRecord) -> Value {
+    json!({
+        "request_id": job.id, "app_id": job.app_id, "path": job.path, "mode": job.mode.as_str(),
+        "status": job.state.fal_status(), "attempts": job.attempts, "owner_id": job.owner_id,
+        "created_at": iso8601(job.created_at), "started_at": job.started_at.map(iso8601),
+        "completed_at": job.completed_at.map(iso8601), "error_type": job.error_type,
+    })
+}
+
+#[allow(dead_code)]
+fn _assert_json<T: serde::Serialize>(_: Json<T>) {}

@@ -1,0 +1,160 @@
+//! `darkroom/diagnostics`: the built-in test app. It echoes, sleeps, logs, fails on request and streams partial
+//! outputs, so clients, runners and the queue can be exercised without a model. It is documented as a test app and
+//! does no work of its own.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use darkroom_core::app::AppSpec;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{Model, ModelError, RunContext, builtin_spec};
+
+pub const APP_ID: &str = "darkroom/diagnostics";
+
+/// Input of `darkroom/diagnostics`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+pub struct DiagnosticsInput {
+    /// Any JSON value; returned unchanged as `echo` in the output.
+    #[serde(default)]
+    pub echo: Option<Value>,
+    /// Milliseconds to sleep before answering (cancellable). With `parts`, spread over the partial outputs.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3_600_000))]
+    pub sleep_ms: u64,
+    /// Messages to write to the request's log, one INFO line each.
+    #[serde(default)]
+    #[schemars(length(max = 10_000))]
+    pub logs: Vec<String>,
+    /// Fail the request with this HTTP status and message instead of answering.
+    #[serde(default)]
+    pub fail: Option<FailSpec>,
+    /// Number of partial outputs `{"part": i}` to emit before the final output (seen by `/stream` clients).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10_000))]
+    pub parts: u32,
+}
+
+/// A failure to produce.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct FailSpec {
+    /// HTTP status of the failure (400–599). 503 and 504 are retried by the queue unless `x-fal-no-retry` is set.
+    #[schemars(range(min = 400, max = 599))]
+    pub status: u16,
+    /// The failure's `detail` message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Output of `darkroom/diagnostics`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct DiagnosticsOutput {
+    /// The input's `echo`.
+    pub echo: Option<Value>,
+    /// Which attempt produced this output (1 on the first).
+    pub attempt: i64,
+}
+
+pub struct Diagnostics;
+
+async fn sleep_or_cancel(ctx: &RunContext, ms: u64) -> Result<(), ModelError> {
+    if ms == 0 {
+        return if ctx.cancel.is_cancelled() { Err(ModelError::Cancelled) } else { Ok(()) };
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+        _ = ctx.cancel.cancelled() => Err(ModelError::Cancelled),
+    }
+}
+
+#[async_trait]
+impl Model for Diagnostics {
+    fn spec(&self) -> AppSpec {
+        builtin_spec::<DiagnosticsInput, DiagnosticsOutput>(
+            APP_ID,
+            "Diagnostics (test app)",
+            "Built-in test app: echoes its input, sleeps, logs, fails on request and streams partial outputs. \
+             It runs no model.",
+            8,
+            true,
+        )
+    }
+
+    async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
+        let input: DiagnosticsInput = serde_json::from_value(input).map_err(|e| {
+            ModelError::App { status: 422, body: json!({"detail": [{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]}) }
+        })?;
+        for m in &input.logs {
+            ctx.log("INFO", m.clone());
+        }
+        if input.parts > 0 {
+            let step = input.sleep_ms / u64::from(input.parts);
+            for i in 0..input.parts {
+                sleep_or_cancel(&ctx, step).await?;
+                ctx.progress(f64::from(i + 1) / f64::from(input.parts), None);
+                ctx.partial(json!({"part": i}));
+            }
+        } else {
+            sleep_or_cancel(&ctx, input.sleep_ms).await?;
+        }
+        if let Some(fail) = input.fail {
+            return Err(ModelError::App {
+                status: fail.status,
+                body: json!({"detail": fail.message, "attempt": ctx.attempt}),
+            });
+        }
+        Ok(serde_json::to_value(DiagnosticsOutput { echo: input.echo, attempt: ctx.attempt }).expect("serialises"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    fn ctx(cancel: CancellationToken) -> (RunContext, mpsc::UnboundedReceiver<crate::ModelEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (RunContext::new("r".into(), 2, String::new(), cancel, tx), rx)
+    }
+
+    #[tokio::test]
+    async fn echoes_logs_and_streams() {
+        let (c, mut rx) = ctx(CancellationToken::new());
+        let out = Diagnostics.run(json!({"echo": {"a": [1]}, "logs": ["x"], "parts": 2}), c).await.unwrap();
+        assert_eq!(out, json!({"echo": {"a": [1]}, "attempt": 2}));
+        let mut partials = 0;
+        let mut logs = 0;
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                crate::ModelEvent::Partial(_) => partials += 1,
+                crate::ModelEvent::Log { .. } => logs += 1,
+                _ => {}
+            }
+        }
+        assert_eq!((partials, logs), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn fails_and_cancels() {
+        let (c, _rx) = ctx(CancellationToken::new());
+        let e = Diagnostics.run(json!({"fail": {"status": 418, "message": "teapot"}}), c).await.unwrap_err();
+        assert_eq!(e, ModelError::App { status: 418, body: json!({"detail": "teapot", "attempt": 2}) });
+        let cancel = CancellationToken::new();
+        let (c, _rx) = ctx(cancel.clone());
+        let h = tokio::spawn(async move { Diagnostics.run(json!({"sleep_ms": 60_000}), c).await });
+        cancel.cancel();
+        assert_eq!(h.await.unwrap().unwrap_err(), ModelError::Cancelled);
+    }
+
+    #[test]
+    fn schema_validates_in_the_gateway() {
+        let app = darkroom_core::app::CompiledApp::compile(Diagnostics.spec()).unwrap();
+        assert!(app.validate(&json!({"echo": 1, "sleep_ms": 5})).is_ok());
+        let e = app.validate(&json!({"sleep_ms": "x", "fail": {"status": 200}})).unwrap_err();
+        let d = e.detail.unwrap();
+        assert!(d.as_array().unwrap().len() >= 2, "{d}");
+    }
+}

@@ -1,0 +1,254 @@
+//! The runner agent: connects to the gateway, receives assignments and runs them with a built-in model.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use darkroom_core::protocol::{GatewayFrame, PROTOCOL_VERSION, RunnerFrame};
+use darkroom_models::{Model, ModelError, ModelEvent, RunContext};
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+/// How a runner finds and joins its gateway.
+#[derive(Clone)]
+pub struct RunnerConfig {
+    /// The gateway's base URL (`http://` or `https://`).
+    pub gateway: url::Url,
+    pub token: String,
+    pub app_id: String,
+    /// Extra CA certificate (PEM) to trust, e.g. Darkroom's local CA.
+    pub ca_cert: Option<PathBuf>,
+    /// Exit when standard input closes: set for runners spawned by `darkroom serve`, so they die with it.
+    pub parent_stdin: bool,
+    /// Overrides the model's `max_multiplexing`.
+    pub max_multiplexing: Option<u32>,
+}
+
+impl std::fmt::Debug for RunnerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerConfig")
+            .field("gateway", &self.gateway.as_str())
+            .field("token", &"<redacted>")
+            .field("app_id", &self.app_id)
+            .finish()
+    }
+}
+
+/// The gateway refused the runner's credentials: retrying will not help.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the gateway refused this runner: {}", self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+/// Runs until the gateway refuses us, or (with `parent_stdin`) until the parent goes away.
+pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
+    let model = darkroom_models::load_builtin(&cfg.app_id)
+        .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?;
+    if cfg.parent_stdin {
+        // Liveness: a local runner's stdin is a pipe from `darkroom serve`; EOF means the parent died.
+        tokio::spawn(async {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 256];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+                    Ok(0) | Err(_) => {
+                        tracing::info!("parent closed stdin; exiting");
+                        std::process::exit(0);
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match connect_and_serve(&cfg, model.clone()).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "control channel lost"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn ws_url(gateway: &url::Url) -> anyhow::Result<url::Url> {
+    let mut u = gateway.join("/internal/runner/connect")?;
+    let scheme = match u.scheme() {
+        "https" | "wss" => "wss",
+        "http" | "ws" => "ws",
+        s => bail!("unsupported gateway scheme '{s}'"),
+    };
+    u.set_scheme(scheme).map_err(|_| anyhow::anyhow!("bad gateway URL"))?;
+    Ok(u)
+}
+
+struct Running {
+    token: i64,
+    cancel: CancellationToken,
+}
+
+async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow::Result<()> {
+    let url = ws_url(&cfg.gateway)?;
+    let mut req = url.as_str().into_client_request()?;
+    req.headers_mut().insert("authorization", format!("Bearer {}", cfg.token).parse()?);
+    let connector = if url.scheme() == "wss" {
+        Some(tokio_tungstenite::Connector::Rustls(crate::tls::client_config(cfg.ca_cert.as_deref())?))
+    } else {
+        None
+    };
+    let (ws, _) = match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
+        Ok(x) => x,
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 || resp.status() == 403 => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
+            return Err(Refused(format!("{} {}", resp.status(), body)).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (mut sink, mut stream) = ws.split();
+    let spec = model.spec();
+    let capacity = cfg.max_multiplexing.unwrap_or(spec.max_multiplexing).max(1);
+    let hello = RunnerFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        app_id: cfg.app_id.clone(),
+        max_multiplexing: capacity,
+        pid: std::process::id(),
+        hints: vec![],
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    sink.send(Message::text(serde_json::to_string(&hello)?)).await?;
+    let heartbeat_ms = match stream.next().await {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str::<GatewayFrame>(&t)? {
+            GatewayFrame::Welcome { runner_id, heartbeat_ms, .. } => {
+                tracing::info!(%runner_id, app = %cfg.app_id, capacity, "runner connected");
+                heartbeat_ms
+            }
+            other => bail!("expected welcome, got {other:?}"),
+        },
+        other => bail!("expected welcome, got {other:?}"),
+    };
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<RunnerFrame>();
+    let mut jobs: HashMap<String, Running> = HashMap::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
+    let result = loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let frame = match msg {
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<GatewayFrame>(&t) {
+                        Ok(f) => f,
+                        Err(e) => { tracing::warn!(error = %e, "bad frame from gateway"); continue; }
+                    },
+                    Some(Ok(Message::Close(_))) | None => break Ok(()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break Err(e.into()),
+                };
+                match frame {
+                    GatewayFrame::Assign { job_id, token, attempt, path, input, .. } => {
+                        let cancel = CancellationToken::new();
+                        jobs.insert(job_id.clone(), Running { token, cancel: cancel.clone() });
+                        let _ = out_tx.send(RunnerFrame::Ack { job_id: job_id.clone(), token });
+                        tokio::spawn(execute(model.clone(), job_id, token, attempt, path, input, cancel, out_tx.clone()));
+                    }
+                    GatewayFrame::Cancel { job_id, token } => {
+                        if let Some(r) = jobs.get(&job_id) {
+                            if r.token == token { r.cancel.cancel(); }
+                        }
+                    }
+                    GatewayFrame::Refused { job_id, reason, .. } => {
+                        tracing::warn!(%job_id, %reason, "gateway refused a frame");
+                    }
+                    GatewayFrame::Shutdown { reason } => {
+                        tracing::info!(%reason, "gateway shutting down");
+                        break Ok(());
+                    }
+                    GatewayFrame::Welcome { .. } => {}
+                }
+            }
+            Some(frame) = out_rx.recv() => {
+                if let RunnerFrame::Complete { job_id, .. } = &frame {
+                    jobs.remove(job_id);
+                }
+                if let Err(e) = sink.send(Message::text(serde_json::to_string(&frame)?)).await {
+                    break Err(e.into());
+                }
+            }
+            _ = heartbeat.tick() => {
+                let running = jobs.keys().cloned().collect();
+                if let Err(e) = sink.send(Message::text(serde_json::to_string(&RunnerFrame::Heartbeat { running })?)).await {
+                    break Err(e.into());
+                }
+            }
+        }
+    };
+    // Our leases are gone with the channel: stop everything.
+    for (_, r) in jobs.drain() {
+        r.cancel.cancel();
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    model: Arc<dyn Model>,
+    job_id: String,
+    token: i64,
+    attempt: i64,
+    path: String,
+    input: serde_json::Value,
+    cancel: CancellationToken,
+    out: mpsc::UnboundedSender<RunnerFrame>,
+) {
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let ctx = RunContext::new(job_id.clone(), attempt, path, cancel, ev_tx);
+    let fwd = {
+        let out = out.clone();
+        let job_id = job_id.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = ev_rx.recv().await {
+                let frame = match ev {
+                    ModelEvent::Log { level, message } => RunnerFrame::Log {
+                        job_id: job_id.clone(),
+                        token,
+                        level,
+                        message,
+                        timestamp: darkroom_core::Clock::now_ms(&darkroom_core::SystemClock),
+                    },
+                    ModelEvent::Progress { fraction, message } => RunnerFrame::Progress { job_id: job_id.clone(), token, fraction, message },
+                    ModelEvent::Partial(data) => RunnerFrame::Partial { job_id: job_id.clone(), token, data },
+                };
+                let _ = out.send(frame);
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let res = model.run(input, ctx).await;
+    let inference_ms = Some(started.elapsed().as_millis() as i64);
+    // Every event the model sent goes out before the completion.
+    let _ = fwd.await;
+    let frame = match res {
+        Ok(body) => RunnerFrame::Complete { job_id, token, status: 200, body, error_type: None, inference_ms },
+        Err(ModelError::Cancelled) => RunnerFrame::Complete {
+            job_id,
+            token,
+            status: 499,
+            body: json!({"detail": "Request was cancelled", "error_type": "request_cancelled"}),
+            error_type: Some("request_cancelled".into()),
+            inference_ms,
+        },
+        Err(ModelError::App { status, body }) => {
+            RunnerFrame::Complete { job_id, token, status, body, error_type: None, inference_ms }
+        }
+    };
+    let _ = out.send(frame);
+}

@@ -1,0 +1,216 @@
+//! `darkroom serve`: the gateway on the embedded defaults (SQLite and files in the data folder, runner processes
+//! on this machine).
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use darkroom_core::auth::Scope;
+use darkroom_gateway::{Gateway, GatewayConfig};
+use darkroom_store::Store;
+use darkroom_store::sqlite::{Durability, SqliteStore};
+
+use crate::DataDirArg;
+use crate::client::ServerInfo;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Address to listen on. Port 0 picks a free port (see server.json for the one chosen).
+    #[arg(long, env = "DARKROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Serve HTTPS. Without --tls-cert/--tls-key, a local CA and certificate are made in the data folder on first
+    /// start (the Python fal client only speaks HTTPS).
+    #[arg(long, env = "DARKROOM_TLS")]
+    pub tls: bool,
+    /// TLS certificate chain (PEM) to serve instead of the local CA's.
+    #[arg(long, env = "DARKROOM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "DARKROOM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The URL clients reach this server at, when behind a proxy (e.g. https://darkroom.example.com). Used for the
+    /// absolute URLs in responses.
+    #[arg(long, env = "DARKROOM_PUBLIC_URL")]
+    pub public_url: Option<url::Url>,
+    /// Accept requests without keys, as the local admin. Refused unless listening on loopback.
+    #[arg(long, env = "DARKROOM_NO_AUTH")]
+    pub no_auth: bool,
+    /// Attempts per request before it fails (runner lost, or the app answered 503/504).
+    #[arg(long, env = "DARKROOM_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i64,
+    /// Runner lease length in milliseconds; runners heartbeat at a third of it.
+    #[arg(long, env = "DARKROOM_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: i64,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "DARKROOM_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// SQLite durability: `full` (fsync every commit) or `normal` (survives process crashes only).
+    #[arg(long, env = "DARKROOM_SQLITE_SYNC", default_value = "full")]
+    pub sqlite_sync: String,
+    /// A key (`key_id:secret`) the /api/fal/proxy endpoint acts with for requests that carry none (browsers).
+    #[arg(long, env = "DARKROOM_PROXY_KEY", hide_env_values = true)]
+    pub proxy_key: Option<String>,
+    /// Do not start local runner processes for the built-in apps (runners join with `darkroom runner`).
+    #[arg(long, env = "DARKROOM_NO_LOCAL_RUNNERS")]
+    pub no_local_runners: bool,
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("serve.lock"))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("another `darkroom serve` is using the data folder {}", dir.display());
+    }
+    Ok(f)
+}
+
+fn server_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(s) = std::env::var("DARKROOM_SERVER_SECRET") {
+        if s.len() < 32 {
+            bail!("DARKROOM_SERVER_SECRET must be at least 32 characters");
+        }
+        return Ok(s.into_bytes());
+    }
+    let path = dir.join("server.secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => Ok(s.trim().as_bytes().to_vec()),
+        _ => {
+            let s = darkroom_core::auth::random_token();
+            write_private(&path, &s)?;
+            Ok(s.into_bytes())
+        }
+    }
+}
+
+pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&a.data.data_dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating data folder {}", dir.display()))?;
+    let _lock = lock_data_dir(&dir)?;
+    crate::check_no_auth(&a.listen, a.no_auth)?;
+    let durability = match a.sqlite_sync.as_str() {
+        "full" => Durability::Full,
+        "normal" => Durability::Normal,
+        other => bail!("--sqlite-sync must be full or normal, not {other}"),
+    };
+    let secret = server_secret(&dir)?;
+    let store = Arc::new(SqliteStore::open(&dir.join("darkroom.db"), durability).await.context("opening the database")?);
+
+    let tls_files = if a.tls {
+        Some(match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => darkroom_gateway::tls::TlsFiles { cert: c.clone(), key: k.clone(), ca_cert: None, ca_bundle: None },
+            _ => {
+                let extra: Vec<String> = a.public_url.iter().filter_map(|u| u.host_str().map(str::to_string)).collect();
+                darkroom_gateway::tls::ensure_local_ca(&dir.join("tls"), &extra)?
+            }
+        })
+    } else {
+        None
+    };
+    let tls_config = tls_files.as_ref().map(|t| darkroom_gateway::tls::server_config(&t.cert, &t.key)).transpose()?;
+
+    let cfg = GatewayConfig {
+        public_url: a.public_url.clone(),
+        tls: a.tls,
+        no_auth: a.no_auth,
+        max_attempts: a.max_attempts.max(1),
+        lease_ms: a.lease_ms.max(300),
+        body_limit: a.body_limit,
+        server_secret: secret,
+        proxy_key: a.proxy_key.clone(),
+        ..GatewayConfig::default()
+    };
+    let apps = darkroom_models::builtin_specs();
+    let gw = Gateway::new(cfg, store.clone(), Arc::new(darkroom_core::SystemClock), apps).await?;
+
+    // The local admin key: kept across restarts while the database knows it.
+    let admin_path = dir.join("local-admin.key");
+    let existing = std::fs::read_to_string(&admin_path).ok().map(|s| s.trim().to_string());
+    let valid = match &existing {
+        Some(k) if !a.no_auth => gw.key_is_valid(k).await,
+        Some(k) => store.get_key(k.split(':').next().unwrap_or("")).await?.is_some_and(|r| r.revoked_at.is_none()),
+        None => false,
+    };
+    if !valid {
+        let (_, credential) = gw.create_key(darkroom_gateway::auth::LOCAL_OWNER, Scope::Admin, "local admin").await?;
+        write_private(&admin_path, &credential)?;
+    }
+
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if a.tls { "https" } else { "http" };
+    let local_host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let local_host = if local_host.contains(':') { format!("[{local_host}]") } else { local_host };
+    let local_url = format!("{scheme}://{local_host}:{}", addr.port());
+    let url = a.public_url.as_ref().map(|u| u.as_str().trim_end_matches('/').to_string()).unwrap_or_else(|| local_url.clone());
+
+    darkroom_gateway::hub::start_dispatchers(&gw);
+    tokio::spawn(gw.clone().run_sweeper());
+    let server = tokio::spawn(darkroom_gateway::server::serve(listener, gw.router(), tls_config, gw.shutdown.clone()));
+
+    let runners_shutdown = tokio_util_shutdown();
+    let mut supervisors = Vec::new();
+    if !a.no_local_runners {
+        let exe = std::env::current_exe().context("finding the darkroom executable")?;
+        for app in gw.apps.keys() {
+            let token = gw.mint_runner_token(Some(app)).await?;
+            let spec = darkroom_runner::local::LocalRunnerSpec {
+                exe: exe.clone(),
+                app_id: app.clone(),
+                gateway_url: local_url.clone(),
+                token,
+                ca_cert: tls_files.as_ref().and_then(|t| t.ca_cert.clone()),
+                nice: 10,
+            };
+            supervisors.push(tokio::spawn(darkroom_runner::local::supervise(spec, runners_shutdown.clone())));
+        }
+    }
+
+    let info = ServerInfo {
+        url: url.clone(),
+        listen: addr.to_string(),
+        ca_cert: tls_files.as_ref().and_then(|t| t.ca_cert.as_ref().map(|p| p.display().to_string())),
+        ca_bundle: tls_files.as_ref().and_then(|t| t.ca_bundle.as_ref().map(|p| p.display().to_string())),
+        pid: std::process::id(),
+        boot_id: gw.boot_id.clone(),
+    };
+    write_private(&dir.join("server.json"), &serde_json::to_string_pretty(&info)?)?;
+    tracing::info!(%url, data_dir = %dir.display(), tls = a.tls, "darkroom is serving");
+    eprintln!("Darkroom is serving at {url}\nPoint the fal clients at it with: eval \"$(darkroom env --data-dir {})\"", dir.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(dir.join("server.json"));
+    runners_shutdown.cancel();
+    for s in supervisors {
+        let _ = s.await;
+    }
+    gw.shutdown.cancel();
+    let _ = server.await;
+    store.close().await;
+    Ok(())
+}
+
+fn tokio_util_shutdown() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}
