@@ -66,11 +66,7 @@ impl CompiledApp {
                 break;
             }
         }
-        if detail.is_empty() {
-            Ok(())
-        } else {
-            Err(validation_error(detail))
-        }
+        if detail.is_empty() { Ok(()) } else { Err(validation_error(detail)) }
     }
 
     /// Whether the app serves this endpoint path.

@@ -81,7 +81,9 @@ pub fn new_request_id() -> String {
 pub fn parse_request_id(s: &str) -> Result<String, ApiError> {
     match uuid::Uuid::try_parse(s) {
         Ok(u) => Ok(u.hyphenated().to_string()),
-        Err(_) => Err(ApiError::new(ErrorType::InvalidRequest, format!("'{}' is not a valid request id", s.escape_default()))),
+        Err(_) => {
+            Err(ApiError::new(ErrorType::InvalidRequest, format!("'{}' is not a valid request id", s.escape_default())))
+        }
     }
 }
 

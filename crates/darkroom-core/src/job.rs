@@ -101,7 +101,10 @@ pub fn parse_request_timeout(v: &str) -> Result<Millis, ApiError> {
         Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok((s * 1000.0).round() as Millis),
         _ => Err(ApiError::new(
             ErrorType::InvalidRequest,
-            format!("X-Fal-Request-Timeout must be a number of seconds between 0 and 86400, not '{}'", v.escape_default()),
+            format!(
+                "X-Fal-Request-Timeout must be a number of seconds between 0 and 86400, not '{}'",
+                v.escape_default()
+            ),
         )),
     }
 }

@@ -32,7 +32,5 @@ impl Clock for SystemClock {
 
 /// Formats store milliseconds as an RFC 3339 UTC timestamp.
 pub fn iso8601(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

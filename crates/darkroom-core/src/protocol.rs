@@ -33,7 +33,13 @@ pub enum RunnerFrame {
     /// A log line of a job.
     Log { job_id: String, token: i64, level: String, message: String, timestamp: i64 },
     /// Progress of a job, 0..1.
-    Progress { job_id: String, token: i64, fraction: f64, #[serde(default)] message: Option<String> },
+    Progress {
+        job_id: String,
+        token: i64,
+        fraction: f64,
+        #[serde(default)]
+        message: Option<String>,
+    },
     /// A partial output (streamed to `/stream` clients).
     Partial { job_id: String, token: i64, data: Value },
     /// The job finished: success (`status` 200) or failure (the app's status and body).
@@ -56,15 +62,7 @@ pub enum GatewayFrame {
     /// Reply to hello.
     Welcome { runner_id: String, heartbeat_ms: u64, lease_ms: u64 },
     /// Run this job. `token` is the fencing token of this attempt.
-    Assign {
-        job_id: String,
-        token: i64,
-        attempt: i64,
-        app_id: String,
-        path: String,
-        mode: String,
-        input: Value,
-    },
+    Assign { job_id: String, token: i64, attempt: i64, app_id: String, path: String, mode: String, input: Value },
     /// Stop this job.
     Cancel { job_id: String, token: i64 },
     /// A frame from the runner was refused (stale token, unknown job).

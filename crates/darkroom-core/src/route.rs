@@ -95,9 +95,15 @@ mod tests {
         let r = route_queue("GET", &format!("/workflows/me/wf/requests/{RID}/status/stream")).unwrap();
         assert!(matches!(r, QueueRoute::StatusStream { ref app, .. } if app.id() == "workflows/me/wf"));
         assert!(matches!(route_queue("GET", &format!("/a/b/requests/{RID}/")).unwrap(), QueueRoute::Result { .. }));
-        assert!(matches!(route_queue("PUT", &format!("/a/b/requests/{RID}/cancel")).unwrap(), QueueRoute::Cancel { .. }));
+        assert!(matches!(
+            route_queue("PUT", &format!("/a/b/requests/{RID}/cancel")).unwrap(),
+            QueueRoute::Cancel { .. }
+        ));
         assert_eq!(route_queue("POST", &format!("/a/b/requests/{RID}/cancel")).unwrap_err().status, 405);
-        assert_eq!(route_queue("GET", "/a/b/requests/not-a-uuid/status").unwrap_err().error_type, ErrorType::InvalidRequest);
+        assert_eq!(
+            route_queue("GET", "/a/b/requests/not-a-uuid/status").unwrap_err().error_type,
+            ErrorType::InvalidRequest
+        );
         assert_eq!(route_queue("GET", &format!("/a/b/requests/{RID}/bogus")).unwrap_err().status, 404);
         assert_eq!(route_queue("DELETE", "/a/b").unwrap_err().status, 405);
         assert!(matches!(route_queue("GET", "/a/b/openapi.json").unwrap(), QueueRoute::OpenApi { .. }));
@@ -108,8 +114,12 @@ mod tests {
     fn run_routes() {
         assert!(matches!(route_run("POST", "/a/b").unwrap(), RunRoute::Run { ref path, .. } if path.is_empty()));
         assert!(matches!(route_run("POST", "/a/b/x/").unwrap(), RunRoute::Run { ref path, .. } if path == "x"));
-        assert!(matches!(route_run("POST", "/a/b/stream").unwrap(), RunRoute::Stream { ref path, .. } if path.is_empty()));
-        assert!(matches!(route_run("POST", "/a/b/x/stream").unwrap(), RunRoute::Stream { ref path, .. } if path == "x"));
+        assert!(
+            matches!(route_run("POST", "/a/b/stream").unwrap(), RunRoute::Stream { ref path, .. } if path.is_empty())
+        );
+        assert!(
+            matches!(route_run("POST", "/a/b/x/stream").unwrap(), RunRoute::Stream { ref path, .. } if path == "x")
+        );
         assert!(matches!(route_run("GET", "/a/b").unwrap(), RunRoute::Run { .. }));
         assert_eq!(route_run("DELETE", "/a/b").unwrap_err().status, 405);
     }

@@ -45,7 +45,11 @@ struct CreateKey {
     owner_id: Option<String>,
 }
 
-async fn create_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+async fn create_key(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
     let req: CreateKey = json_body(&body)?;
@@ -79,7 +83,11 @@ async fn list_keys(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
     Ok(Json(json!({"keys": keys})))
 }
 
-async fn revoke_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Path(key_id): Path<String>) -> ApiResult<Json<Value>> {
+async fn revoke_key(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
     if !gw.store.revoke_key(&key_id, gw.now()).await? {
@@ -96,7 +104,11 @@ struct CreateRunnerToken {
     app_id: Option<String>,
 }
 
-async fn create_runner_token(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+async fn create_runner_token(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
     let req: CreateRunnerToken = json_body(&body)?;
@@ -152,8 +164,10 @@ async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
     let mut apps: Vec<Value> = gw
         .apps
         .values()
-        .map(|a| json!({"id": a.spec.id, "title": a.spec.title, "description": a.spec.description, "kind": a.spec.kind,
-                         "max_multiplexing": a.spec.max_multiplexing, "streaming": a.spec.streaming}))
+        .map(|a| {
+            json!({"id": a.spec.id, "title": a.spec.title, "description": a.spec.description, "kind": a.spec.kind,
+                         "max_multiplexing": a.spec.max_multiplexing, "streaming": a.spec.streaming})
+        })
         .collect();
     apps.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Ok(Json(json!({"apps": apps})))

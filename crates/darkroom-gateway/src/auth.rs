@@ -76,13 +76,19 @@ impl Gateway {
             return Ok(Caller { owner_id: LOCAL_OWNER.into(), key_id: "no-auth".into(), scope: Scope::Admin });
         }
         let Some(header) = header else {
-            return Err(err(ErrorType::Unauthorized, "Missing credentials: send 'Authorization: Key <key_id>:<secret>'"));
+            return Err(err(
+                ErrorType::Unauthorized,
+                "Missing credentials: send 'Authorization: Key <key_id>:<secret>'",
+            ));
         };
         let value = header.to_str().map_err(|_| err(ErrorType::Unauthorized, "Authorization header is not ASCII"))?;
         let (key_id, secret) = match parse_authorization(value) {
             Ok(Credential::Key { key_id, secret }) => (key_id, secret),
             Ok(Credential::Bearer(_)) => {
-                return Err(err(ErrorType::Unauthorized, "Bearer tokens are not accepted here; use 'Key <key_id>:<secret>'"));
+                return Err(err(
+                    ErrorType::Unauthorized,
+                    "Bearer tokens are not accepted here; use 'Key <key_id>:<secret>'",
+                ));
             }
             Err(m) => return Err(err(ErrorType::Unauthorized, m)),
         };

@@ -103,7 +103,11 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    json_response(StatusCode::OK, &json!({"status": "ok", "boot_id": gw.boot_id, "version": env!("CARGO_PKG_VERSION")}), None)
+    json_response(
+        StatusCode::OK,
+        &json!({"status": "ok", "boot_id": gw.boot_id, "version": env!("CARGO_PKG_VERSION")}),
+        None,
+    )
 }
 
 async fn metrics_text() -> Response {

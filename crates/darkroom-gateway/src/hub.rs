@@ -94,7 +94,9 @@ impl Hub {
             }
         }
         free.iter()
-            .max_by_key(|c| (c.info.max_multiplexing as usize - c.in_flight.len(), std::cmp::Reverse(c.info.connected_at)))
+            .max_by_key(|c| {
+                (c.info.max_multiplexing as usize - c.in_flight.len(), std::cmp::Reverse(c.info.connected_at))
+            })
             .map(|c| c.info.runner_id.clone())
     }
 
@@ -118,6 +120,9 @@ pub fn start_dispatchers(gw: &Arc<Gateway>) {
 async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
     loop {
         if let Err(e) = dispatch_app(&gw, &app_id).await {
+            if gw.shutdown.is_cancelled() {
+                return;
+            }
             tracing::error!(app = %app_id, error = %e, "dispatch failed");
         }
         tokio::select! {
@@ -170,10 +175,7 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
 
 /// `GET /internal/runner/connect`: a runner's control channel. `Authorization: Bearer <runner token>`.
 pub async fn connect(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_authorization(v).ok());
+    let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| parse_authorization(v).ok());
     let Some(Credential::Bearer(token)) = token else {
         return ApiErr::from(darkroom_core::ApiError::new(ErrorType::RunnerTokenInvalid, "Runner token required"))
             .into_response();
@@ -184,7 +186,8 @@ pub async fn connect(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ws: Web
         Err(e) => return ApiErr::from(e).into_response(),
     };
     let Some(rec) = rec.filter(|r| r.revoked_at.is_none() && r.boot_id == gw.boot_id) else {
-        return err(ErrorType::RunnerTokenInvalid, "Runner token is unknown, revoked or from a previous boot").into_response();
+        return err(ErrorType::RunnerTokenInvalid, "Runner token is unknown, revoked or from a previous boot")
+            .into_response();
     };
     ws.max_message_size(64 << 20).on_upgrade(move |socket| serve_runner(gw, socket, rec.app_id))
 }
@@ -215,7 +218,11 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
     let runner_id = darkroom_core::ids::new_request_id();
     let heartbeat_ms = (gw.cfg.lease_ms / 3).max(100) as u64;
     if socket
-        .send(send_frame(&GatewayFrame::Welcome { runner_id: runner_id.clone(), heartbeat_ms, lease_ms: gw.cfg.lease_ms as u64 }))
+        .send(send_frame(&GatewayFrame::Welcome {
+            runner_id: runner_id.clone(),
+            heartbeat_ms,
+            lease_ms: gw.cfg.lease_ms as u64,
+        }))
         .await
         .is_err()
     {
@@ -321,7 +328,10 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
             gw.hub.kick(app_id);
             let body_s = body.to_string();
             let result = if status == 200 {
-                gw.store.complete(&job_id, token, &Outcome::success(body_s, inference_ms), now).await.map(|r| r == CompleteResult::Applied)
+                gw.store
+                    .complete(&job_id, token, &Outcome::success(body_s, inference_ms), now)
+                    .await
+                    .map(|r| r == CompleteResult::Applied)
             } else {
                 let message = match body.get("detail") {
                     Some(Value::String(s)) => s.clone(),

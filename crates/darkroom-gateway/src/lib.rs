@@ -246,7 +246,8 @@ impl Gateway {
         let res = self.store.cancel(id, self.now()).await?;
         if let darkroom_store::CancelResult::Cancelled { running_on } = &res {
             if let Some((runner, token)) = running_on {
-                self.hub.send(runner, darkroom_core::protocol::GatewayFrame::Cancel { job_id: id.into(), token: *token });
+                self.hub
+                    .send(runner, darkroom_core::protocol::GatewayFrame::Cancel { job_id: id.into(), token: *token });
             }
             self.finished_by_id(id).await;
         }

@@ -12,7 +12,8 @@ use crate::hub::RunnerInfo;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// Installs the process-wide recorder once (several gateways in one test process share it).
 pub fn install() {
@@ -41,7 +42,8 @@ pub fn job_completed(job: &JobRecord) {
         None => "ok".to_string(),
         Some(t) => t.to_string(),
     };
-    metrics::counter!("darkroom_requests_completed_total", "app" => job.app_id.clone(), "outcome" => outcome).increment(1);
+    metrics::counter!("darkroom_requests_completed_total", "app" => job.app_id.clone(), "outcome" => outcome)
+        .increment(1);
     if let (Some(s), Some(c)) = (job.started_at, job.completed_at) {
         metrics::histogram!("darkroom_run_seconds", "app" => job.app_id.clone()).record((c - s).max(0) as f64 / 1000.0);
     }

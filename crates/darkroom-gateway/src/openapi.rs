@@ -96,7 +96,10 @@ pub fn app_openapi(gw: &Gateway, app: &AppRef) -> ApiResult<Response> {
     Ok(json_response(StatusCode::OK, &doc, None))
 }
 
-pub async fn root_app_openapi(State(gw): State<Arc<Gateway>>, Path((owner, alias)): Path<(String, String)>) -> Response {
+pub async fn root_app_openapi(
+    State(gw): State<Arc<Gateway>>,
+    Path((owner, alias)): Path<(String, String)>,
+) -> Response {
     match AppRef::parse(&format!("{owner}/{alias}")) {
         Ok(app) => app_openapi(&gw, &app).unwrap_or_else(|e| e.into_response()),
         Err(e) => crate::error::ApiErr(e).into_response(),

@@ -27,13 +27,20 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         // This server's own URLs (e.g. status URLs it returned) are allowed too.
         let own = gw.cfg.public_url.as_ref().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
         let same = own.as_deref() == Some(host.as_str())
-            || req.headers().get("host").and_then(|h| h.to_str().ok()).map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase())
+            || req
+                .headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase())
                 == Some(host.clone());
         same.then_some("")
     });
     let Some(prefix) = prefix else {
-        return err(ErrorType::ProxyTargetInvalid, format!("Proxy target host '{}' is not allowed", host.escape_default()))
-            .into_response();
+        return err(
+            ErrorType::ProxyTargetInvalid,
+            format!("Proxy target host '{}' is not allowed", host.escape_default()),
+        )
+        .into_response();
     };
     let mut pq = format!("{prefix}{}", url.path());
     if let Some(q) = url.query() {

@@ -4,15 +4,17 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use darkroom_core::app::{CompiledApp, json_decode_error};
 use darkroom_core::ids::AppRef;
-use darkroom_core::job::{JobMode, JobRecord, JobState, NewJob, parse_flag, parse_priority, parse_request_timeout, priority};
+use darkroom_core::job::{
+    JobMode, JobRecord, JobState, NewJob, parse_flag, parse_priority, parse_request_timeout, priority,
+};
 use darkroom_core::route::{QueueRoute, route_queue};
 use darkroom_core::{ApiError, ErrorType, iso8601};
 use darkroom_store::CancelResult;
@@ -144,7 +146,8 @@ pub async fn enqueue_request_with(
     };
     before_enqueue(&job.id);
     let rec = gw.store.enqueue(&job).await?;
-    metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str()).increment(1);
+    metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str())
+        .increment(1);
     gw.hub.kick(&rec.app_id);
     Ok((compiled, rec))
 }
@@ -241,7 +244,9 @@ async fn handle_inner(
     match route {
         QueueRoute::Submit { app, path } => {
             let body = body.map_err(body_error)?;
-            let (_, job) = enqueue_request(&gw, &caller, &app, &path, &method, query.as_deref(), &headers, &body, JobMode::Queue).await?;
+            let (_, job) =
+                enqueue_request(&gw, &caller, &app, &path, &method, query.as_deref(), &headers, &body, JobMode::Queue)
+                    .await?;
             let (response_url, status_url, cancel_url) = urls(&base, &job);
             let pos = gw.store.queue_position(&job.id).await?.unwrap_or(0);
             let body = json!({
@@ -293,11 +298,13 @@ pub fn body_error(e: axum::extract::rejection::BytesRejection) -> ApiErr {
 /// The stored result: the output (200) or the failure's status and body.
 pub fn result_response(job: &JobRecord) -> Response {
     if job.state != JobState::Completed {
-        let mut r = ApiErr(ApiError::new(ErrorType::RequestNotCompleted, "Request is still in progress")).into_response();
+        let mut r =
+            ApiErr(ApiError::new(ErrorType::RequestNotCompleted, "Request is still in progress")).into_response();
         r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
         return r;
     }
-    let status = StatusCode::from_u16(job.result_status.unwrap_or(500) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(job.result_status.unwrap_or(500) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = job.result_body.clone().unwrap_or_else(|| "null".into());
     let mut r = (status, [("content-type", "application/json")], body).into_response();
     let h = r.headers_mut();
@@ -358,7 +365,8 @@ fn status_stream(gw: Arc<Gateway>, job: JobRecord, base: String, logs: bool) -> 
         }
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut r = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)).text("ping")).into_response();
+    let mut r =
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10)).text("ping")).into_response();
     r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
     r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
     r

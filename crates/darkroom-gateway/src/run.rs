@@ -77,14 +77,26 @@ pub async fn handle(
         let body = body.map_err(body_error)?;
         match route {
             RunRoute::Run { app, path } => {
-                let (_, job) =
-                    enqueue_request(&gw, &caller, &app, &path, &method, query.as_deref(), &headers, &body, JobMode::Sync).await?;
+                let (_, job) = enqueue_request(
+                    &gw,
+                    &caller,
+                    &app,
+                    &path,
+                    &method,
+                    query.as_deref(),
+                    &headers,
+                    &body,
+                    JobMode::Sync,
+                )
+                .await?;
                 let mut guard = CancelOnDrop { gw: gw.clone(), id: job.id.clone(), armed: true };
                 let done = wait_completed(&gw, &job.id).await?;
                 guard.armed = false;
                 Ok(result_response(&done))
             }
-            RunRoute::Stream { app, path } => stream(gw.clone(), &caller, app, path, &method, query.as_deref(), &headers, &body).await,
+            RunRoute::Stream { app, path } => {
+                stream(gw.clone(), &caller, app, path, &method, query.as_deref(), &headers, &body).await
+            }
             RunRoute::OpenApi { .. } => unreachable!(),
         }
     }
@@ -166,7 +178,8 @@ async fn stream(
                         Ok(Some(j)) => json!({"error": j.error.unwrap_or_default(), "error_type": j.error_type}),
                         _ => json!({"error": "request lost", "error_type": "internal_error"}),
                     };
-                    let _ = etx.send(Ok(Event::default().data(darkroom_core::json::to_ascii_string(&final_event)))).await;
+                    let _ =
+                        etx.send(Ok(Event::default().data(darkroom_core::json::to_ascii_string(&final_event)))).await;
                     return;
                 }
             }

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 
 /// Where the TLS material lives.
 #[derive(Debug, Clone)]
@@ -25,7 +27,8 @@ fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-const SYSTEM_BUNDLES: &[&str] = &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+const SYSTEM_BUNDLES: &[&str] =
+    &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
 
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
@@ -105,12 +108,16 @@ pub fn ensure_local_ca(dir: &Path, extra_names: &[String]) -> anyhow::Result<Tls
 
 /// A rustls server config from PEM files, offering HTTP/2 and HTTP/1.1.
 pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .context("parsing certificate")?;
-    let key = rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice())
-        .context("parsing private key")?
-        .context("no private key found")?;
+    let certs = rustls_pemfile::certs(
+        &mut std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?.as_slice(),
+    )
+    .collect::<Result<Vec<_>, _>>()
+    .context("parsing certificate")?;
+    let key = rustls_pemfile::private_key(
+        &mut std::fs::read(key).with_context(|| format!("reading {}", key.display()))?.as_slice(),
+    )
+    .context("parsing private key")?
+    .context("no private key found")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

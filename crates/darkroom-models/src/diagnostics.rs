@@ -83,8 +83,9 @@ impl Model for Diagnostics {
     }
 
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
-        let input: DiagnosticsInput = serde_json::from_value(input).map_err(|e| {
-            ModelError::App { status: 422, body: json!({"detail": [{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]}) }
+        let input: DiagnosticsInput = serde_json::from_value(input).map_err(|e| ModelError::App {
+            status: 422,
+            body: json!({"detail": [{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]}),
         })?;
         for m in &input.logs {
             ctx.log("INFO", m.clone());

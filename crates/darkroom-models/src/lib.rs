@@ -104,9 +104,18 @@ pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
         description: description.into(),
         kind: AppKind::Builtin,
         paths: vec![String::new()],
-        input_schema: serde_json::to_value(schemars::schema_for!(I)).expect("schema serialises"),
-        output_schema: serde_json::to_value(schemars::schema_for!(O)).expect("schema serialises"),
+        input_schema: serde_json::to_value(inline_schema::<I>()).expect("schema serialises"),
+        output_schema: serde_json::to_value(inline_schema::<O>()).expect("schema serialises"),
         max_multiplexing,
         streaming,
     }
+}
+
+/// A JSON Schema with subschemas inlined: optional nested objects become `type: [object, null]` rather than
+/// `anyOf`, so validation errors name the failing field (`["body", "fail", "status"]`).
+fn inline_schema<T: schemars::JsonSchema>() -> schemars::Schema {
+    schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator()
+        .into_root_schema_for::<T>()
 }

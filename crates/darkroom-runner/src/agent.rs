@@ -224,7 +224,9 @@ async fn execute(
                         message,
                         timestamp: darkroom_core::Clock::now_ms(&darkroom_core::SystemClock),
                     },
-                    ModelEvent::Progress { fraction, message } => RunnerFrame::Progress { job_id: job_id.clone(), token, fraction, message },
+                    ModelEvent::Progress { fraction, message } => {
+                        RunnerFrame::Progress { job_id: job_id.clone(), token, fraction, message }
+                    }
                     ModelEvent::Partial(data) => RunnerFrame::Partial { job_id: job_id.clone(), token, data },
                 };
                 let _ = out.send(frame);

@@ -35,7 +35,13 @@ fn ok_outcome() -> Outcome {
 }
 
 fn err_outcome() -> Outcome {
-    Outcome { status: 500, body: r#"{"detail":"boom"}"#.into(), error: Some("boom".into()), error_type: Some("app_error".into()), inference_ms: None }
+    Outcome {
+        status: 500,
+        body: r#"{"detail":"boom"}"#.into(),
+        error: Some("boom".into()),
+        error_type: Some("app_error".into()),
+        inference_ms: None,
+    }
 }
 
 pub async fn fifo_within_priority_and_positions(s: &dyn Store) {
@@ -71,7 +77,11 @@ pub async fn claim_and_complete_with_fencing(s: &dyn Store) {
     assert_eq!(s.complete("j", 0, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Stale);
     assert_eq!(s.complete("j", 2, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Stale);
     assert_eq!(s.complete("j", 1, &ok_outcome(), 3_000).await.unwrap(), CompleteResult::Applied);
-    assert_eq!(s.complete("j", 1, &err_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "never completes twice");
+    assert_eq!(
+        s.complete("j", 1, &err_outcome(), 4_000).await.unwrap(),
+        CompleteResult::Stale,
+        "never completes twice"
+    );
     let j = s.get_job("j").await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Completed);
     assert_eq!(j.result_status, Some(200));
@@ -106,7 +116,11 @@ pub async fn retries_until_the_attempt_limit(s: &dyn Store) {
 
     s.enqueue(&NewJob { no_retry: true, ..job("n", "app") }).await.unwrap();
     s.claim("n", "r1", 10_000, 2_000).await.unwrap().unwrap();
-    assert_eq!(s.fail_attempt("n", 1, &err_outcome(), 3_000).await.unwrap(), AttemptResult::Completed, "x-fal-no-retry");
+    assert_eq!(
+        s.fail_attempt("n", 1, &err_outcome(), 3_000).await.unwrap(),
+        AttemptResult::Completed,
+        "x-fal-no-retry"
+    );
 }
 
 pub async fn a_requeued_job_keeps_its_place(s: &dyn Store) {
@@ -129,7 +143,11 @@ pub async fn cancel_queued_running_and_completed(s: &dyn Store) {
     assert_eq!(s.next_queued("app").await.unwrap().unwrap().0, "r", "a cancelled job leaves the queue");
     s.claim("r", "r1", 10_000, 2_000).await.unwrap().unwrap();
     assert_eq!(s.cancel("r", 3_000).await.unwrap(), CancelResult::Cancelled { running_on: Some(("r1".into(), 1)) });
-    assert_eq!(s.complete("r", 1, &ok_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "late completion refused");
+    assert_eq!(
+        s.complete("r", 1, &ok_outcome(), 4_000).await.unwrap(),
+        CompleteResult::Stale,
+        "late completion refused"
+    );
     assert_eq!(s.get_job("r").await.unwrap().unwrap().error_type.as_deref(), Some("request_cancelled"));
     assert_eq!(s.cancel("r", 5_000).await.unwrap(), CancelResult::AlreadyCompleted);
     assert!(s.release_runner("r1", 6_000).await.unwrap().is_empty());
@@ -176,9 +194,15 @@ pub async fn logs_belong_to_the_current_attempt(s: &dyn Store) {
 
 pub async fn a_new_boot_revokes_tokens_and_ends_old_leases(s: &dyn Store) {
     s.start_boot("boot-1", 1_000).await.unwrap();
-    s.insert_runner_token(&RunnerTokenRecord { token_hash: "h1".into(), boot_id: "boot-1".into(), app_id: None, created_at: 1, revoked_at: None })
-        .await
-        .unwrap();
+    s.insert_runner_token(&RunnerTokenRecord {
+        token_hash: "h1".into(),
+        boot_id: "boot-1".into(),
+        app_id: None,
+        created_at: 1,
+        revoked_at: None,
+    })
+    .await
+    .unwrap();
     s.enqueue(&job("running", "app")).await.unwrap();
     s.enqueue(&job("queued", "app")).await.unwrap();
     s.enqueue(&NewJob { mode: JobMode::Sync, ..job("sync", "app") }).await.unwrap();
@@ -195,7 +219,11 @@ pub async fn a_new_boot_revokes_tokens_and_ends_old_leases(s: &dyn Store) {
     assert_eq!(s.get_runner_token("h1").await.unwrap().unwrap().revoked_at, Some(3_000));
     assert_eq!(s.get_job("sync").await.unwrap().unwrap().error_type.as_deref(), Some("gateway_restarted"));
     assert_eq!(s.get_job("queued").await.unwrap().unwrap().state, JobState::Queued);
-    assert_eq!(s.complete("running", 1, &ok_outcome(), 4_000).await.unwrap(), CompleteResult::Stale, "old attempt fenced");
+    assert_eq!(
+        s.complete("running", 1, &ok_outcome(), 4_000).await.unwrap(),
+        CompleteResult::Stale,
+        "old attempt fenced"
+    );
     let again = s.claim("running", "r2", 10_000, 4_000).await.unwrap().unwrap();
     assert_eq!(again.attempts, 2);
 }
@@ -229,11 +257,17 @@ pub async fn listing_and_depths(s: &dyn Store) {
     s.claim("a", "r", 10, 1).await.unwrap();
     let mine = s.list_jobs(&JobFilter { owner_id: Some("owner-a".into()), ..Default::default() }).await.unwrap();
     assert_eq!(mine.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["c", "a"], "newest first, owner-scoped");
-    let q = s.list_jobs(&JobFilter { state: Some("queued".into()), app_id: Some("app".into()), ..Default::default() }).await.unwrap();
+    let q = s
+        .list_jobs(&JobFilter { state: Some("queued".into()), app_id: Some("app".into()), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(
         s.app_depths().await.unwrap(),
-        vec![AppDepth { app_id: "app".into(), queued: 1, running: 1 }, AppDepth { app_id: "app2".into(), queued: 1, running: 0 }]
+        vec![
+            AppDepth { app_id: "app".into(), queued: 1, running: 1 },
+            AppDepth { app_id: "app2".into(), queued: 1, running: 0 }
+        ]
     );
     assert_eq!(s.count_queued_for_key("key-a", priority::NORMAL).await.unwrap(), 2);
     assert_eq!(s.count_queued_for_key("key-a", priority::INTERACTIVE).await.unwrap(), 0);

@@ -90,7 +90,9 @@ pub enum CancelResult {
     NotFound,
     AlreadyCompleted,
     /// Completed as cancelled. If it was running, the runner and token to send the cancel to.
-    Cancelled { running_on: Option<(String, i64)> },
+    Cancelled {
+        running_on: Option<(String, i64)>,
+    },
 }
 
 /// Filter for listing jobs (newest first).
@@ -137,13 +139,25 @@ pub trait Store: Send + Sync + 'static {
     async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>>;
     /// Claims a queued job for a runner: running, attempts + 1, leased until `lease_until`. The returned record's
     /// `attempts` is the fencing token. None if the job is no longer queued.
-    async fn claim(&self, job_id: &str, runner_id: &str, lease_until: Millis, now: Millis) -> StoreResult<Option<JobRecord>>;
+    async fn claim(
+        &self,
+        job_id: &str,
+        runner_id: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<Option<JobRecord>>;
     /// Extends the leases of every job the runner holds.
     async fn extend_leases(&self, runner_id: &str, lease_until: Millis) -> StoreResult<u64>;
     /// Completes the current attempt. Refused (Stale) unless the job is running with this token.
     async fn complete(&self, job_id: &str, token: i64, outcome: &Outcome, now: Millis) -> StoreResult<CompleteResult>;
     /// Ends a failed attempt: requeue while attempts remain and retries are allowed, else complete with `outcome`.
-    async fn fail_attempt(&self, job_id: &str, token: i64, outcome: &Outcome, now: Millis) -> StoreResult<AttemptResult>;
+    async fn fail_attempt(
+        &self,
+        job_id: &str,
+        token: i64,
+        outcome: &Outcome,
+        now: Millis,
+    ) -> StoreResult<AttemptResult>;
     /// A runner is gone: fail the attempts of every job it holds (`runner_disconnected`).
     async fn release_runner(&self, runner_id: &str, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>>;
     /// Fails the attempts whose lease ran out.

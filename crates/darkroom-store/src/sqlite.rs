@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use darkroom_core::Millis;
 use darkroom_core::error::{ApiError, ErrorType};
 use darkroom_core::job::{JobMode, JobRecord, JobState, LogEntry, NewJob, Outcome};
-use darkroom_core::Millis;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -113,12 +113,10 @@ async fn fail_attempt_in(
     outcome: &Outcome,
     now: Millis,
 ) -> StoreResult<AttemptResult> {
-    let row = sqlx::query(
-        "SELECT attempts, max_attempts, no_retry, cancel_requested, state FROM jobs WHERE id = ?",
-    )
-    .bind(job_id)
-    .fetch_optional(&mut *c)
-    .await?;
+    let row = sqlx::query("SELECT attempts, max_attempts, no_retry, cancel_requested, state FROM jobs WHERE id = ?")
+        .bind(job_id)
+        .fetch_optional(&mut *c)
+        .await?;
     let Some(row) = row else { return Ok(AttemptResult::Stale) };
     let attempts: i64 = row.try_get("attempts")?;
     let state: String = row.try_get("state")?;
@@ -195,7 +193,11 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport> {
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO boots (id, started_at) VALUES (?, ?)").bind(boot_id).bind(now).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO boots (id, started_at) VALUES (?, ?)")
+            .bind(boot_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         let revoked = sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id != ?")
             .bind(now)
             .bind(boot_id)
@@ -218,7 +220,9 @@ impl Store for SqliteStore {
             report.failed.push(id);
         }
         // Queue jobs that were running: their runners belonged to the old boot.
-        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq").fetch_all(&mut *tx).await?;
+        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await?;
         for r in rows {
             let id: String = r.try_get("id")?;
             let token: i64 = r.try_get("attempts")?;
@@ -258,15 +262,17 @@ impl Store for SqliteStore {
     }
 
     async fn get_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE key_id = ?").bind(key_id).fetch_optional(&self.reader).await?;
+        let row =
+            sqlx::query("SELECT * FROM api_keys WHERE key_id = ?").bind(key_id).fetch_optional(&self.reader).await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
     async fn list_keys(&self, owner_id: Option<&str>) -> StoreResult<Vec<KeyRecord>> {
-        let rows = sqlx::query("SELECT * FROM api_keys WHERE (?1 IS NULL OR owner_id = ?1) ORDER BY created_at, key_id")
-            .bind(owner_id)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM api_keys WHERE (?1 IS NULL OR owner_id = ?1) ORDER BY created_at, key_id")
+                .bind(owner_id)
+                .fetch_all(&self.reader)
+                .await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -284,14 +290,16 @@ impl Store for SqliteStore {
 
     async fn insert_runner_token(&self, t: &RunnerTokenRecord) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO runner_tokens (token_hash, boot_id, app_id, created_at, revoked_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&t.token_hash)
-            .bind(&t.boot_id)
-            .bind(&t.app_id)
-            .bind(t.created_at)
-            .bind(t.revoked_at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO runner_tokens (token_hash, boot_id, app_id, created_at, revoked_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.boot_id)
+        .bind(&t.app_id)
+        .bind(t.created_at)
+        .bind(t.revoked_at)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -339,7 +347,9 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await;
         let row = match res {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Duplicate(j.id.clone())),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(StoreError::Duplicate(j.id.clone()));
+            }
             r => r?,
         };
         let rec = job_from_row(&row)?;
@@ -387,7 +397,13 @@ impl Store for SqliteStore {
         row.map(|r| Ok((r.try_get("id")?, r.try_get("runner_hint")?))).transpose()
     }
 
-    async fn claim(&self, job_id: &str, runner_id: &str, lease_until: Millis, now: Millis) -> StoreResult<Option<JobRecord>> {
+    async fn claim(
+        &self,
+        job_id: &str,
+        runner_id: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<Option<JobRecord>> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
@@ -447,10 +463,11 @@ impl Store for SqliteStore {
 
     async fn release_runner(&self, runner_id: &str, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_runner = ? ORDER BY seq")
-            .bind(runner_id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_runner = ? ORDER BY seq")
+                .bind(runner_id)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut out = Vec::new();
         for r in rows {
             let id: String = r.try_get("id")?;
@@ -464,10 +481,11 @@ impl Store for SqliteStore {
 
     async fn expire_leases(&self, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires_at < ? ORDER BY seq")
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires_at < ? ORDER BY seq")
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut out = Vec::new();
         for r in rows {
             let id: String = r.try_get("id")?;
@@ -485,10 +503,12 @@ impl Store for SqliteStore {
             ErrorType::RequestTimeout,
             "Request did not start before its X-Fal-Request-Timeout deadline",
         ));
-        let rows = sqlx::query("SELECT id FROM jobs WHERE state = 'queued' AND start_deadline IS NOT NULL AND start_deadline <= ?")
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE state = 'queued' AND start_deadline IS NOT NULL AND start_deadline <= ?",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut out = Vec::new();
         for r in rows {
             let id: String = r.try_get("id")?;
@@ -554,7 +574,9 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         rows.iter()
-            .map(|r| Ok(LogEntry { timestamp: r.try_get("ts")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .map(|r| {
+                Ok(LogEntry { timestamp: r.try_get("ts")?, level: r.try_get("level")?, message: r.try_get("message")? })
+            })
             .collect()
     }
 
@@ -581,7 +603,13 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
-            .map(|r| Ok(AppDepth { app_id: r.try_get("app_id")?, queued: r.try_get("queued")?, running: r.try_get("running")? }))
+            .map(|r| {
+                Ok(AppDepth {
+                    app_id: r.try_get("app_id")?,
+                    queued: r.try_get("queued")?,
+                    running: r.try_get("running")?,
+                })
+            })
             .collect()
     }
 }

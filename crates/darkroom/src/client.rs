@@ -26,12 +26,12 @@ pub struct Client {
 impl Client {
     /// A client acting with the local admin key.
     pub fn admin(dir: &Path) -> anyhow::Result<Client> {
-        let info: ServerInfo = serde_json::from_slice(
-            &std::fs::read(dir.join("server.json"))
-                .with_context(|| format!("no running server found in {} (start one with `darkroom serve`)", dir.display()))?,
-        )
+        let info: ServerInfo = serde_json::from_slice(&std::fs::read(dir.join("server.json")).with_context(|| {
+            format!("no running server found in {} (start one with `darkroom serve`)", dir.display())
+        })?)
         .context("server.json is not valid")?;
-        let key = std::fs::read_to_string(dir.join("local-admin.key")).context("reading local-admin.key")?.trim().to_string();
+        let key =
+            std::fs::read_to_string(dir.join("local-admin.key")).context("reading local-admin.key")?.trim().to_string();
         let tls = darkroom_runner::tls::client_config(info.ca_cert.as_deref().map(Path::new))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured((*tls).clone())
@@ -46,9 +46,10 @@ impl Client {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = rb.header("authorization", format!("Key {}", self.key)).send().await.with_context(|| {
-            format!("cannot reach the server at {} (is `darkroom serve` running?)", self.info.url)
-        })?;
+        let resp =
+            rb.header("authorization", format!("Key {}", self.key)).send().await.with_context(|| {
+                format!("cannot reach the server at {} (is `darkroom serve` running?)", self.info.url)
+            })?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {

@@ -12,11 +12,15 @@ mod client;
 mod serve;
 
 #[derive(Parser)]
-#[command(name = "darkroom", version, about = "Darkroom: self-hosted generative media with a fal-compatible API.",
-          long_about = "Darkroom serves image, audio and test models behind fal's queue API. The official fal clients \
+#[command(
+    name = "darkroom",
+    version,
+    about = "Darkroom: self-hosted generative media with a fal-compatible API.",
+    long_about = "Darkroom serves image, audio and test models behind fal's queue API. The official fal clients \
           (Python fal-client, JS @fal-ai/client) work against it unchanged.\n\nStart a server with `darkroom serve`; \
           point clients at it with `eval \"$(darkroom env)\"`. Every other command talks to the running server \
-          found through the data folder.")]
+          found through the data folder."
+)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `darkroom_gateway=debug`.
     #[arg(long, env = "DARKROOM_LOG", default_value = "info", global = true)]
@@ -31,7 +35,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct DataDirArg {
     /// The data folder: database, files, TLS material, `local-admin.key`, `server.json`.
-    #[arg(long, env = "DARKROOM_DATA_DIR", default_value_os_t = default_data_dir())]
+    #[arg(long, env = "DARKROOM_DATA_DIR", default_value_os_t = default_data_dir(), global = true)]
     pub data_dir: PathBuf,
 }
 
@@ -142,7 +146,8 @@ enum RunnersCommand {
 }
 
 fn init_tracing(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
@@ -192,7 +197,10 @@ fn main() -> anyhow::Result<()> {
                 let c = client::Client::admin(&data.data_dir)?;
                 let mut q = format!("/v1/requests?limit={limit}");
                 if let Some(a) = app {
-                    q.push_str(&format!("&app_id={}", url::form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()));
+                    q.push_str(&format!(
+                        "&app_id={}",
+                        url::form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()
+                    ));
                 }
                 if let Some(s) = status {
                     q.push_str(&format!("&status={s}"));
@@ -239,7 +247,8 @@ async fn env_cmd(a: EnvArgs) -> anyhow::Result<()> {
     };
     let info = &c.info;
     let url = url::Url::parse(&info.url)?;
-    let hostport = format!("{}{}", url.host_str().unwrap_or("127.0.0.1"), url.port().map(|p| format!(":{p}")).unwrap_or_default());
+    let hostport =
+        format!("{}{}", url.host_str().unwrap_or("127.0.0.1"), url.port().map(|p| format!(":{p}")).unwrap_or_default());
     let path = url.path().trim_end_matches('/');
     println!("# Darkroom at {} (data folder {})", info.url, dir.display());
     println!("export FAL_KEY={}", shell_quote(&key));
@@ -260,9 +269,15 @@ async fn env_cmd(a: EnvArgs) -> anyhow::Result<()> {
     println!("#   import {{ createFalClient }} from \"@fal-ai/client\";");
     println!("#   const BASE = \"{base}\";");
     println!("#   const rewrite = (u) => u.replace(/^https:\\/\\/queue\\.fal\\.run\\//, `${{BASE}}/queue/`)");
-    println!("#     .replace(/^https:\\/\\/fal\\.run\\//, `${{BASE}}/run/`).replace(/^https:\\/\\/rest\\.fal\\.ai\\//, `${{BASE}}/rest/`);");
-    println!("#   export const fal = createFalClient({{ requestMiddleware: async (r) => ({{ ...r, url: rewrite(r.url) }}) }});");
-    println!("# Or the proxy protocol: createFalClient({{ proxyUrl: {{ url: \"{base}/api/fal/proxy\", when: \"always\" }} }})");
+    println!(
+        "#     .replace(/^https:\\/\\/fal\\.run\\//, `${{BASE}}/run/`).replace(/^https:\\/\\/rest\\.fal\\.ai\\//, `${{BASE}}/rest/`);"
+    );
+    println!(
+        "#   export const fal = createFalClient({{ requestMiddleware: async (r) => ({{ ...r, url: rewrite(r.url) }}) }});"
+    );
+    println!(
+        "# Or the proxy protocol: createFalClient({{ proxyUrl: {{ url: \"{base}/api/fal/proxy\", when: \"always\" }} }})"
+    );
     Ok(())
 }
 
@@ -275,7 +290,10 @@ async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
                 body["owner_id"] = Value::String(o);
             }
             let v = c.post("/v1/keys", &body).await?;
-            eprintln!("Key created for owner {} with scope {}. The secret is shown only now:", v["owner_id"], v["scope"]);
+            eprintln!(
+                "Key created for owner {} with scope {}. The secret is shown only now:",
+                v["owner_id"], v["scope"]
+            );
             println!("{}", v["key"].as_str().unwrap_or_default());
         }
         KeysCommand::List => {

@@ -110,11 +110,14 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         other => bail!("--sqlite-sync must be full or normal, not {other}"),
     };
     let secret = server_secret(&dir)?;
-    let store = Arc::new(SqliteStore::open(&dir.join("darkroom.db"), durability).await.context("opening the database")?);
+    let store =
+        Arc::new(SqliteStore::open(&dir.join("darkroom.db"), durability).await.context("opening the database")?);
 
     let tls_files = if a.tls {
         Some(match (&a.tls_cert, &a.tls_key) {
-            (Some(c), Some(k)) => darkroom_gateway::tls::TlsFiles { cert: c.clone(), key: k.clone(), ca_cert: None, ca_bundle: None },
+            (Some(c), Some(k)) => {
+                darkroom_gateway::tls::TlsFiles { cert: c.clone(), key: k.clone(), ca_cert: None, ca_bundle: None }
+            }
             _ => {
                 let extra: Vec<String> = a.public_url.iter().filter_map(|u| u.host_str().map(str::to_string)).collect();
                 darkroom_gateway::tls::ensure_local_ca(&dir.join("tls"), &extra)?
@@ -158,7 +161,11 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     let local_host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
     let local_host = if local_host.contains(':') { format!("[{local_host}]") } else { local_host };
     let local_url = format!("{scheme}://{local_host}:{}", addr.port());
-    let url = a.public_url.as_ref().map(|u| u.as_str().trim_end_matches('/').to_string()).unwrap_or_else(|| local_url.clone());
+    let url = a
+        .public_url
+        .as_ref()
+        .map(|u| u.as_str().trim_end_matches('/').to_string())
+        .unwrap_or_else(|| local_url.clone());
 
     darkroom_gateway::hub::start_dispatchers(&gw);
     tokio::spawn(gw.clone().run_sweeper());
@@ -192,7 +199,10 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     write_private(&dir.join("server.json"), &serde_json::to_string_pretty(&info)?)?;
     tracing::info!(%url, data_dir = %dir.display(), tls = a.tls, "darkroom is serving");
-    eprintln!("Darkroom is serving at {url}\nPoint the fal clients at it with: eval \"$(darkroom env --data-dir {})\"", dir.display());
+    eprintln!(
+        "Darkroom is serving at {url}\nPoint the fal clients at it with: eval \"$(darkroom env --data-dir {})\"",
+        dir.display()
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -201,12 +211,19 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(dir.join("server.json"));
+    // Runners first, so their leases are released (requeued) while the store is still open.
     runners_shutdown.cancel();
     for s in supervisors {
         let _ = s.await;
     }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gw.hub.list().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     gw.shutdown.cancel();
     let _ = server.await;
+    // Let in-flight store calls of background tasks finish before the pools close.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     store.close().await;
     Ok(())
 }

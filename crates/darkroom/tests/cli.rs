@@ -1,0 +1,125 @@
+//! The CLI against a running server: `keys`, `env`, `runners`, and the data-folder rules of `serve`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{APP, Server};
+use serde_json::{Value, json};
+
+fn darkroom(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_darkroom")).args(args).env("DARKROOM_LOG", "warn").output().unwrap()
+}
+
+fn exports(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_env_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--tls"]);
+    let d = dir.path().to_str().unwrap();
+
+    let out = darkroom(&["keys", "create", "--data-dir", d, "--name", "ci", "--scope", "client"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (key_id, _) = key.split_once(':').unwrap();
+    let list = String::from_utf8(darkroom(&["keys", "list", "--data-dir", d]).stdout).unwrap();
+    assert!(list.lines().any(|l| l.starts_with(key_id) && l.contains("active") && l.contains("ci")), "{list}");
+    assert!(!list.contains(key.split_once(':').unwrap().1), "secrets are never listed");
+
+    // `env` prints a client-scoped key and the host variables of recipe P1, and reuses its key.
+    let env1 = String::from_utf8(darkroom(&["env", "--data-dir", d]).stdout).unwrap();
+    let env2 = String::from_utf8(darkroom(&["env", "--data-dir", d]).stdout).unwrap();
+    let e = exports(&env1);
+    let get = |k: &str| {
+        e.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("{k} missing: {env1}"))
+    };
+    assert_eq!(exports(&env2), e);
+    let port = s.url.rsplit(':').next().unwrap();
+    assert_eq!(get("FAL_RUN_HOST"), format!("127.0.0.1:{port}/run"));
+    assert_eq!(get("FAL_QUEUE_RUN_HOST"), format!("127.0.0.1:{port}/queue"));
+    let bundle = std::fs::read_to_string(get("SSL_CERT_FILE")).unwrap();
+    assert!(bundle.contains("BEGIN CERTIFICATE"));
+    assert!(env1.contains("requestMiddleware"), "the JS snippet is printed as comments");
+    let env_key = get("FAL_KEY");
+    let keys: Value = s
+        .http_tls()
+        .get(format!("{}/v1/keys", s.url))
+        .header("authorization", s.auth())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rec = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == env_key.split(':').next().unwrap())
+        .unwrap()
+        .clone();
+    assert_eq!(rec["scope"], "client");
+    // The env key works over TLS with the printed CA bundle.
+    let r = s
+        .http_tls()
+        .post(format!("{}/run/{APP}", s.url))
+        .header("authorization", format!("Key {env_key}"))
+        .json(&json!({"echo": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let out = darkroom(&["keys", "revoke", "--data-dir", d, key_id]);
+    assert!(out.status.success());
+    let r = s
+        .http_tls()
+        .post(format!("{}/run/{APP}", s.url))
+        .header("authorization", format!("Key {key}"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let out = darkroom(&["keys", "revoke", "--data-dir", d, key_id]);
+    assert!(!out.status.success(), "revoking twice is an error");
+
+    s.wait_runners(1).await;
+    let out = darkroom(&["runners", "ls", "--data-dir", d]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(APP));
+
+    // Only one `serve` per data folder.
+    let out = darkroom(&["serve", "--data-dir", d, "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another `darkroom serve`"));
+}
+
+#[test]
+fn no_auth_is_refused_off_loopback_and_cli_without_server_is_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = darkroom(&["serve", "--data-dir", d, "--listen", "0.0.0.0:0", "--no-auth"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-auth is only allowed on a loopback address"));
+    let out = darkroom(&["keys", "list", "--data-dir", d]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no running server found"));
+    let out = darkroom(&["--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("serve"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_serves_without_keys_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--no-auth"]);
+    s.wait_runners(1).await;
+    let r = s.http.post(format!("{}/run/{APP}", s.url)).json(&json!({"echo": "open"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

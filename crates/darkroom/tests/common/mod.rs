@@ -1,0 +1,199 @@
+//! Starts real `darkroom serve` processes on 127.0.0.1 for end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const APP: &str = "darkroom/diagnostics";
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub url: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    pub args: Vec<String>,
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+impl Server {
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let _ = std::fs::remove_file(dir.join("server.json"));
+        let child = Command::new(env!("CARGO_BIN_EXE_darkroom"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(&args)
+            .env("DARKROOM_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn darkroom serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let info = loop {
+            if let Some(v) = read_json(&dir.join("server.json")) {
+                if v["pid"].as_u64() == Some(child.id() as u64) {
+                    break v;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let admin = std::fs::read_to_string(dir.join("local-admin.key")).unwrap().trim().to_string();
+        let mut b = reqwest::Client::builder().no_proxy();
+        if let Some(ca) = info["ca_cert"].as_str() {
+            b = b.tls_certs_merge([reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap()]);
+        }
+        let http = b.build().unwrap();
+        Server {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            url: info["url"].as_str().unwrap().to_string(),
+            admin,
+            http,
+            args,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// A client trusting the server's local CA (for `--tls` servers).
+    pub fn http_tls(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    pub fn auth(&self) -> String {
+        format!("Key {}", self.admin)
+    }
+
+    pub async fn wait_runners(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v: Value = self
+                .http
+                .get(format!("{}/v1/runners", self.url))
+                .header("authorization", self.auth())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let rs = v["runners"].as_array().cloned().unwrap_or_default();
+            if rs.len() >= n {
+                return rs;
+            }
+            assert!(Instant::now() < deadline, "runners did not connect: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn submit(&self, input: Value) -> Value {
+        self.submit_with(input, &[]).await
+    }
+
+    pub async fn submit_with(&self, input: Value, headers: &[(&str, &str)]) -> Value {
+        let mut rb =
+            self.http.post(format!("{}/queue/{APP}", self.url)).header("authorization", self.auth()).json(&input);
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200, "submit failed");
+        r.json().await.unwrap()
+    }
+
+    pub async fn status(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/queue/{APP}/requests/{id}/status?logs=1", self.url))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until the request is COMPLETED, then returns (status code, body) of its result.
+    pub async fn result(&self, id: &str) -> (u16, Value) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status(id).await;
+            if s["status"] == "COMPLETED" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "request {id} did not complete: {s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = self
+            .http
+            .get(format!("{}/queue/{APP}/requests/{id}", self.url))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status(id).await;
+            if s["status"] == want {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "request {id} never reached {want}: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> Value {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .header("authorization", self.auth())
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM for a clean shutdown of the runners, then make sure.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    unsafe { libc::kill(pid, 0) == 0 }
+}
