@@ -159,6 +159,10 @@ mod catalog_doc {
     fn docs_errors_md_is_current() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md");
         let on_disk = std::fs::read_to_string(path).expect("docs/errors.md exists");
-        assert_eq!(on_disk, super::catalog_markdown(), "regenerate with: cargo run -p darkroom -- errors > docs/errors.md");
+        assert_eq!(
+            on_disk,
+            super::catalog_markdown(),
+            "regenerate with: cargo run -p darkroom -- errors > docs/errors.md"
+        );
     }
 }

@@ -55,12 +55,14 @@ pub fn split_endpoint<'a>(segs: &[&'a str]) -> Result<(AppRef, Vec<&'a str>), Ap
     };
     if rest.len() < 2 {
         // The legacy `123-app` form becomes `123/app`, as the JS client normalises it.
-        if rest.len() == 1 && namespace.is_none() {
-            if let Some((num, app)) = rest[0].split_once('-') {
-                if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) && valid_segment(app) {
-                    return Ok((AppRef { namespace: None, owner: num.into(), alias: app.into() }, vec![]));
-                }
-            }
+        if rest.len() == 1
+            && namespace.is_none()
+            && let Some((num, app)) = rest[0].split_once('-')
+            && !num.is_empty()
+            && num.chars().all(|c| c.is_ascii_digit())
+            && valid_segment(app)
+        {
+            return Ok((AppRef { namespace: None, owner: num.into(), alias: app.into() }, vec![]));
         }
         return Err(bad("endpoint id must be [namespace/]owner/alias[/path]"));
     }

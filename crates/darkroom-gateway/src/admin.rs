@@ -86,10 +86,11 @@ async fn list_keys(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
 async fn revoke_key(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    Path(key_id): Path<String>,
+    key_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
+    let Path(key_id) = key_id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     if !gw.store.revoke_key(&key_id, gw.now()).await? {
         return Err(err(ErrorType::NotFound, format!("No active key '{}'", key_id.escape_default())));
     }
@@ -112,10 +113,10 @@ async fn create_runner_token(
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
     let req: CreateRunnerToken = json_body(&body)?;
-    if let Some(app) = &req.app_id {
-        if !gw.apps.contains_key(app) {
-            return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.escape_default())));
-        }
+    if let Some(app) = &req.app_id
+        && !gw.apps.contains_key(app)
+    {
+        return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.escape_default())));
     }
     let token = gw.mint_runner_token(req.app_id.as_deref()).await.map_err(|e| {
         tracing::error!(error = %e, "minting runner token failed");
@@ -139,9 +140,10 @@ struct ListRequests {
 async fn list_requests(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    Query(q): Query<ListRequests>,
+    q: Result<Query<ListRequests>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
+    let Query(q) = q.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     let state = match q.status.as_deref() {
         None => None,
         Some("IN_QUEUE") => Some("queued"),

@@ -62,23 +62,23 @@ pub fn base_url(gw: &Gateway, headers: &HeaderMap, routed: &Routed, role: &str) 
 
 async fn host_routing(mut req: Request, next: Next) -> Response {
     // HTTP/2 carries the host as the URI authority, not a Host header: give handlers one place to look.
-    if !req.headers().contains_key("host") {
-        if let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            req.headers_mut().insert("host", v);
-        }
+    if !req.headers().contains_key("host")
+        && let Some(v) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert("host", v);
     }
     let host = req
         .headers()
         .get("host")
         .and_then(|h| h.to_str().ok())
         .map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
-    if let Some(host) = host {
-        if let Some((name, prefix)) = FAL_HOSTS.iter().find(|(n, _)| *n == host) {
-            let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            if let Ok(uri) = format!("{prefix}{pq}").parse() {
-                *req.uri_mut() = uri;
-                req.extensions_mut().insert(Routed { host: Some(name.to_string()) });
-            }
+    if let Some(host) = host
+        && let Some((name, prefix)) = FAL_HOSTS.iter().find(|(n, _)| *n == host)
+    {
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if let Ok(uri) = format!("{prefix}{pq}").parse() {
+            *req.uri_mut() = uri;
+            req.extensions_mut().insert(Routed { host: Some(name.to_string()) });
         }
     }
     next.run(req).await
@@ -120,6 +120,14 @@ async fn not_found(req: Request) -> Response {
     err(ErrorType::NotFound, format!("No route for {} {}", req.method(), path.escape_default())).into_response()
 }
 
+async fn method_not_allowed(req: Request) -> Response {
+    err(
+        ErrorType::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path().escape_default()),
+    )
+    .into_response()
+}
+
 /// The complete HTTP service.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let cors = CorsLayer::new()
@@ -143,6 +151,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/{owner}/{alias}/openapi.json", get(crate::openapi::root_app_openapi))
         .merge(crate::admin::router())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(gw.cfg.body_limit))
         .with_state(gw);
     Router::new()

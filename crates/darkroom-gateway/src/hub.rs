@@ -88,10 +88,10 @@ impl Hub {
             .values()
             .filter(|c| c.info.app_id == app_id && (c.in_flight.len() as u32) < c.info.max_multiplexing)
             .collect();
-        if let Some(h) = hint {
-            if let Some(c) = free.iter().find(|c| c.info.runner_id == h || c.info.hints.iter().any(|x| x == h)) {
-                return Some(c.info.runner_id.clone());
-            }
+        if let Some(h) = hint
+            && let Some(c) = free.iter().find(|c| c.info.runner_id == h || c.info.hints.iter().any(|x| x == h))
+        {
+            return Some(c.info.runner_id.clone());
         }
         free.iter()
             .max_by_key(|c| {
@@ -165,6 +165,7 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
             }
         };
         gw.job_changed(&job.id);
+        tracing::debug!(request_id = %job.id, runner = %runner_id, attempt = job.attempts, sent, "request assigned");
         if !sent {
             // The runner went away between pick and send: its leases end now.
             let r = gw.store.release_runner(&runner_id, gw.now()).await?;
@@ -174,7 +175,11 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
 }
 
 /// `GET /internal/runner/connect`: a runner's control channel. `Authorization: Bearer <runner token>`.
-pub async fn connect(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub async fn connect(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
     let token = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| parse_authorization(v).ok());
     let Some(Credential::Bearer(token)) = token else {
         return ApiErr::from(darkroom_core::ApiError::new(ErrorType::RunnerTokenInvalid, "Runner token required"))
@@ -187,6 +192,10 @@ pub async fn connect(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ws: Web
     };
     let Some(rec) = rec.filter(|r| r.revoked_at.is_none() && r.boot_id == gw.boot_id) else {
         return err(ErrorType::RunnerTokenInvalid, "Runner token is unknown, revoked or from a previous boot")
+            .into_response();
+    };
+    let Ok(ws) = ws else {
+        return err(ErrorType::InvalidRequest, "This endpoint is a WebSocket: connect with an Upgrade request")
             .into_response();
     };
     ws.max_message_size(64 << 20).on_upgrade(move |socket| serve_runner(gw, socket, rec.app_id))

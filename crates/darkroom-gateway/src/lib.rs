@@ -172,6 +172,14 @@ impl Gateway {
             let _ = tx.send(StreamMsg::Done);
         }
         metrics::job_completed(job);
+        tracing::info!(
+            request_id = %job.id,
+            app = %job.app_id,
+            attempts = job.attempts,
+            status = job.result_status,
+            error_type = job.error_type.as_deref().unwrap_or(""),
+            "request completed"
+        );
         self.job_changed(&job.id);
     }
 

@@ -27,10 +27,10 @@ fn hoist(schema: &Value, defs: &mut Map<String, Value>) -> Value {
     fn rewrite(v: &mut Value) {
         match v {
             Value::Object(m) => {
-                if let Some(Value::String(r)) = m.get_mut("$ref") {
-                    if let Some(rest) = r.strip_prefix("#/$defs/") {
-                        *r = format!("#/components/schemas/{rest}");
-                    }
+                if let Some(Value::String(r)) = m.get_mut("$ref")
+                    && let Some(rest) = r.strip_prefix("#/$defs/")
+                {
+                    *r = format!("#/components/schemas/{rest}");
                 }
                 m.values_mut().for_each(rewrite);
             }

@@ -53,12 +53,11 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     };
     parts.uri = uri;
     parts.headers.remove("x-fal-target-url");
-    if !parts.headers.contains_key("authorization") {
-        if let Some(k) = &gw.cfg.proxy_key {
-            if let Ok(v) = HeaderValue::from_str(&format!("Key {k}")) {
-                parts.headers.insert("authorization", v);
-            }
-        }
+    if !parts.headers.contains_key("authorization")
+        && let Some(k) = &gw.cfg.proxy_key
+        && let Ok(v) = HeaderValue::from_str(&format!("Key {k}"))
+    {
+        parts.headers.insert("authorization", v);
     }
     parts.extensions.remove::<crate::http::Routed>();
     let router = gw.router();

@@ -146,6 +146,7 @@ pub async fn enqueue_request_with(
     };
     before_enqueue(&job.id);
     let rec = gw.store.enqueue(&job).await?;
+    tracing::info!(request_id = %rec.id, app = %rec.app_id, mode = mode.as_str(), owner = %rec.owner_id, priority = rec.priority, "request accepted");
     metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str())
         .increment(1);
     gw.hub.kick(&rec.app_id);
@@ -214,12 +215,16 @@ pub async fn visible_job(gw: &Gateway, caller: &Caller, app: &AppRef, id: &str) 
 pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     method: Method,
-    Path(rest): Path<String>,
+    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(query): RawQuery,
     routed: Routed,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let rest = match rest {
+        Ok(Path(r)) => r,
+        Err(e) => return err(ErrorType::InvalidRequest, e.body_text()).into_response(),
+    };
     match handle_inner(gw, method, rest, query, routed, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -310,10 +315,10 @@ pub fn result_response(job: &JobRecord) -> Response {
     let h = r.headers_mut();
     h.insert("x-fal-request-id", request_id_header(&job.id));
     if let Some(t) = job.error_type.as_deref() {
-        if t != "app_error" {
-            if let Ok(v) = HeaderValue::from_str(t) {
-                h.insert("x-fal-error-type", v);
-            }
+        if t != "app_error"
+            && let Ok(v) = HeaderValue::from_str(t)
+        {
+            h.insert("x-fal-error-type", v);
         }
         if t == ErrorType::RequestTimeout.as_str() {
             h.insert("x-fal-request-timeout-type", HeaderValue::from_static("user"));

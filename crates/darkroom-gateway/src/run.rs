@@ -46,10 +46,10 @@ impl Drop for CancelOnDrop {
 async fn wait_completed(gw: &Gateway, id: &str) -> ApiResult<JobRecord> {
     let mut rx = gw.events.subscribe();
     loop {
-        if let Some(j) = gw.store.get_job(id).await? {
-            if j.state == JobState::Completed {
-                return Ok(j);
-            }
+        if let Some(j) = gw.store.get_job(id).await?
+            && j.state == JobState::Completed
+        {
+            return Ok(j);
         }
         wait_change(&mut rx, id, Duration::from_secs(2)).await;
     }
@@ -59,12 +59,16 @@ async fn wait_completed(gw: &Gateway, id: &str) -> ApiResult<JobRecord> {
 pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     method: Method,
-    Path(rest): Path<String>,
+    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(query): RawQuery,
     _routed: Routed,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let rest = match rest {
+        Ok(Path(r)) => r,
+        Err(e) => return crate::error::err(darkroom_core::ErrorType::InvalidRequest, e.body_text()).into_response(),
+    };
     let route = match route_run(method.as_str(), &rest) {
         Ok(r) => r,
         Err(e) => return ApiErr(e).into_response(),
@@ -120,8 +124,8 @@ async fn stream(
     let (_, job) = {
         let gw2 = gw.clone();
         let reg = move |id: &str| gw2.streams.lock().unwrap().insert(id.to_string(), tx.clone());
-        let res = enqueue_stream(&gw, caller, &app, &path, method, query, headers, body, reg).await?;
-        res
+
+        enqueue_stream(&gw, caller, &app, &path, method, query, headers, body, reg).await?
     };
     let mut guard = CancelOnDrop { gw: gw.clone(), id: job.id.clone(), armed: true };
     // Errors before the first event are ordinary JSON errors with a real status code.
@@ -131,10 +135,10 @@ async fn stream(
             Ok(None) => break StreamMsg::Done,
             Err(_) => {
                 // Completed by another path (cancel, deadline) without a Done reaching us?
-                if let Some(j) = gw.store.get_job(&job.id).await? {
-                    if j.state == JobState::Completed {
-                        break StreamMsg::Done;
-                    }
+                if let Some(j) = gw.store.get_job(&job.id).await?
+                    && j.state == JobState::Completed
+                {
+                    break StreamMsg::Done;
                 }
             }
         }
@@ -149,8 +153,7 @@ async fn stream(
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let id = job.id.clone();
     tokio::spawn(async move {
-        let _guard = guard;
-        let mut guard = _guard;
+        let mut guard = guard;
         let mut next = Some(first);
         loop {
             let msg = match next.take() {

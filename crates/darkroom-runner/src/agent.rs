@@ -161,9 +161,8 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
                         tokio::spawn(execute(model.clone(), job_id, token, attempt, path, input, cancel, out_tx.clone()));
                     }
                     GatewayFrame::Cancel { job_id, token } => {
-                        if let Some(r) = jobs.get(&job_id) {
-                            if r.token == token { r.cancel.cancel(); }
-                        }
+                        if let Some(r) = jobs.get(&job_id)
+                            && r.token == token { r.cancel.cancel(); }
                     }
                     GatewayFrame::Refused { job_id, reason, .. } => {
                         tracing::warn!(%job_id, %reason, "gateway refused a frame");

@@ -251,10 +251,10 @@ impl Store for SqliteStore {
         .bind(k.revoked_at)
         .execute(&mut *tx)
         .await;
-        if let Err(sqlx::Error::Database(e)) = &res {
-            if e.is_unique_violation() {
-                return Err(StoreError::Duplicate(k.key_id.clone()));
-            }
+        if let Err(sqlx::Error::Database(e)) = &res
+            && e.is_unique_violation()
+        {
+            return Err(StoreError::Duplicate(k.key_id.clone()));
         }
         res?;
         tx.commit().await?;

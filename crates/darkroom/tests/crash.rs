@@ -8,6 +8,7 @@ use common::{APP, Server, pid_alive};
 use darkroom_core::protocol::{GatewayFrame, PROTOCOL_VERSION, RunnerFrame};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -49,7 +50,7 @@ async fn kill9_with_jobs_queued_and_running_loses_nothing() {
         assert_eq!(out["echo"], json!(i));
         attempts.push(out["attempt"].as_i64().unwrap());
     }
-    assert!(attempts.iter().any(|a| *a == 2), "jobs running at the kill ran again: {attempts:?}");
+    assert!(attempts.contains(&2), "jobs running at the kill ran again: {attempts:?}");
     assert!(attempts.iter().all(|a| *a <= 2), "{attempts:?}");
     // Each request completed exactly once: all COMPLETED, and the store refuses second completions (conformance).
     let v: Value = s
@@ -78,6 +79,19 @@ async fn fake_runner(
     impl SinkExt<Message, Error = impl std::fmt::Debug> + Unpin,
     impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 ) {
+    let (_, tx, rx) = fake_runner_id(s, token, vec![]).await;
+    (tx, rx)
+}
+
+async fn fake_runner_id(
+    s: &Server,
+    token: &str,
+    hints: Vec<String>,
+) -> (
+    String,
+    impl SinkExt<Message, Error = impl std::fmt::Debug> + Unpin,
+    impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+) {
     let mut req = format!("{}/internal/runner/connect", s.url.replace("http", "ws")).into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
@@ -87,15 +101,14 @@ async fn fake_runner(
         app_id: APP.into(),
         max_multiplexing: 1,
         pid: 1,
-        hints: vec![],
+        hints,
         version: "test".into(),
     };
     tx.send(Message::text(serde_json::to_string(&hello).unwrap())).await.unwrap();
     match next_frame(&mut rx).await {
-        GatewayFrame::Welcome { .. } => {}
+        GatewayFrame::Welcome { runner_id, .. } => (runner_id, tx, rx),
         f => panic!("expected welcome: {f:?}"),
     }
-    (tx, rx)
 }
 
 async fn next_frame(
@@ -165,4 +178,21 @@ async fn a_late_completion_from_a_dead_attempt_is_refused() {
     b_tx.send(Message::text(serde_json::to_string(&good).unwrap())).await.unwrap();
     let (code, out) = s.result(&id).await;
     assert_eq!((code, out), (200, json!({"from": "current"})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_hint_is_preferred_among_free_runners() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--no-local-runners"]);
+    let token = s.post_json("/v1/runner-tokens", json!({"app_id": APP})).await["token"].as_str().unwrap().to_string();
+    let (_a_id, _a_tx, mut a_rx) = fake_runner_id(&s, &token, vec!["warm-lora-a".into()]).await;
+    let (_b_id, _b_tx, mut b_rx) = fake_runner_id(&s, &token, vec!["warm-lora-b".into()]).await;
+    s.wait_runners(2).await;
+    for (hint, rx) in [("warm-lora-b", &mut b_rx), ("warm-lora-a", &mut a_rx)] {
+        let sub = s.submit_with(json!({}), &[("x-fal-runner-hint", hint)]).await;
+        match next_frame(rx).await {
+            GatewayFrame::Assign { job_id, .. } => assert_eq!(job_id, sub["request_id"].as_str().unwrap(), "{hint}"),
+            f => panic!("{f:?}"),
+        }
+    }
 }

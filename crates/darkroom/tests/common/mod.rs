@@ -40,10 +40,10 @@ impl Server {
             .expect("spawn darkroom serve");
         let deadline = Instant::now() + Duration::from_secs(30);
         let info = loop {
-            if let Some(v) = read_json(&dir.join("server.json")) {
-                if v["pid"].as_u64() == Some(child.id() as u64) {
-                    break v;
-                }
+            if let Some(v) = read_json(&dir.join("server.json"))
+                && v["pid"].as_u64() == Some(child.id() as u64)
+            {
+                break v;
             }
             assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(50));

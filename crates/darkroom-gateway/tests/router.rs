@@ -1,0 +1,183 @@
+//! Router tests through `tower::ServiceExt::oneshot`: an in-process gateway on a real SQLite store, no runners.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use darkroom_core::SystemClock;
+use darkroom_core::auth::Scope;
+use darkroom_gateway::{Gateway, GatewayConfig};
+use darkroom_store::sqlite::{Durability, SqliteStore};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+const APP: &str = "darkroom/diagnostics";
+
+struct T {
+    gw: Arc<Gateway>,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway() -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("db"), Durability::Normal).await.unwrap());
+    let cfg = GatewayConfig { server_secret: b"0123456789abcdef0123456789abcdef".to_vec(), ..Default::default() };
+    let gw = Gateway::new(cfg, store, Arc::new(SystemClock), darkroom_models::builtin_specs()).await.unwrap();
+    let (_, key) = gw.create_key("owner-a", Scope::Client, "t").await.unwrap();
+    T { gw, key: format!("Key {key}"), _dir: dir }
+}
+
+impl T {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut b = Request::builder().method(method).uri(uri).header("authorization", &self.key);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = self.gw.router().oneshot(b.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        assert!(headers.contains_key("x-fal-request-id"), "{method} {uri}: no x-fal-request-id");
+        (status, headers, v)
+    }
+}
+
+#[tokio::test]
+async fn submit_then_status_in_queue_with_positions_and_priorities() {
+    let t = gateway().await;
+    let (s, h, first) = t.call("POST", &format!("/queue/{APP}"), &[("host", "127.0.0.1:9")], "{}").await;
+    assert_eq!(s, 200);
+    let id = first["request_id"].as_str().unwrap();
+    assert_eq!(h["x-fal-request-id"], id);
+    assert_eq!(first["queue_position"], 0);
+    assert_eq!(first["status_url"], format!("http://127.0.0.1:9/queue/{APP}/requests/{id}/status"));
+    let (_, _, second) = t.call("POST", &format!("/queue/{APP}"), &[], "{}").await;
+    assert_eq!(second["queue_position"], 1);
+    let (_, _, low) = t.call("POST", &format!("/queue/{APP}"), &[("x-fal-queue-priority", "low")], "{}").await;
+    let (_, _, normal) = t.call("POST", &format!("/queue/{APP}"), &[("x-fal-queue-priority", "normal")], "{}").await;
+    let low_id = low["request_id"].as_str().unwrap();
+    let (s, _, st) = t.call("GET", &format!("/queue/{APP}/requests/{low_id}/status?logs=true"), &[], "").await;
+    assert_eq!(s, 202);
+    assert_eq!(st["status"], "IN_QUEUE");
+    assert_eq!(st["queue_position"], 3, "low priority waits behind every normal request: {st}");
+    assert_eq!(normal["queue_position"], 2);
+    // Result before completion: 400 with a JSON detail.
+    let (s, _, r) = t.call("GET", &format!("/queue/{APP}/requests/{low_id}/"), &[], "").await;
+    assert_eq!((s.as_u16(), r["error_type"].as_str()), (400, Some("request_not_completed")));
+    // Cancelling a queued request moves everyone behind it up.
+    let (s, _, _) = t.call("PUT", &format!("/queue/{APP}/requests/{id}/cancel"), &[], "").await;
+    assert_eq!(s, 202);
+    let sid = second["request_id"].as_str().unwrap();
+    let (_, _, st) = t.call("GET", &format!("/queue/{APP}/requests/{sid}/status"), &[], "").await;
+    assert_eq!(st["queue_position"], 0);
+    let (s, _, st) = t.call("GET", &format!("/queue/{APP}/requests/{id}/status"), &[], "").await;
+    assert_eq!(s, 200);
+    assert_eq!(st["status"], "COMPLETED");
+    assert_eq!(st["error_type"], "request_cancelled");
+    assert!(st.get("logs").is_some());
+}
+
+#[tokio::test]
+async fn namespaces_paths_and_hosts() {
+    let t = gateway().await;
+    // Namespaced and unknown apps are 404; the reserved `requests` segment is never an endpoint path.
+    let (s, _, v) = t.call("POST", "/queue/workflows/me/wf/sub", &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (404, Some("app_not_found")));
+    let (s, _, v) = t.call("POST", &format!("/queue/{APP}/requests"), &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (404, Some("not_found")));
+    // By Host: queue.fal.run and fal.run map to the queue and run prefixes.
+    let (s, _, v) = t.call("POST", &format!("/{APP}"), &[("host", "queue.fal.run")], "{}").await;
+    assert_eq!(s, 200);
+    assert!(v["response_url"].as_str().unwrap().starts_with("https://queue.fal.run/darkroom/diagnostics/requests/"));
+    // A public URL wins for absolute URLs.
+    let (s, _, v) = t.call("GET", &format!("/{APP}/openapi.json"), &[], "").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["info"]["x-darkroom-app-id"], APP);
+    let (s, _, _) = t.call("GET", &format!("/queue/{APP}/openapi.json"), &[], "").await;
+    assert_eq!(s, 200);
+    // Proxy protocol to the queue host, including a status URL with a query.
+    let (s, _, v) =
+        t.call("POST", "/api/fal/proxy", &[("x-fal-target-url", &format!("https://queue.fal.run/{APP}"))], "{}").await;
+    assert_eq!(s, 200);
+    let id = v["request_id"].as_str().unwrap().to_string();
+    let target = format!("https://queue.fal.run/{APP}/requests/{id}/status?logs=0");
+    let (s, _, v) = t.call("GET", "/api/fal/proxy", &[("x-fal-target-url", &target)], "").await;
+    assert_eq!((s.as_u16(), v["status"].as_str()), (202, Some("IN_QUEUE")));
+    let (s, _, v) = t.call("GET", "/api/fal/proxy", &[], "").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (400, Some("proxy_target_invalid")));
+}
+
+#[tokio::test]
+async fn framework_rejections_are_typed_json() {
+    let t = gateway().await;
+    let (s, _, v) = t.call("DELETE", "/v1/apps", &[], "").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (405, Some("method_not_allowed")));
+    let (s, _, v) = t.call("GET", "/v1/requests?limit=lots", &[], "").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (400, Some("invalid_request")));
+    let (s, _, v) = t.call("GET", "/internal/runner/connect", &[], "").await;
+    assert_eq!(s, 401, "a runner endpoint without a runner token: {v}");
+    assert_eq!(v["error_type"], "runner_token_invalid");
+    let (s, _, v) = t.call("POST", "/v1/keys", &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (403, Some("forbidden")));
+    let big = format!("{{\"echo\": \"{}\"}}", "x".repeat(33 * 1024 * 1024));
+    let (s, _, v) = t.call("POST", &format!("/queue/{APP}"), &[], &big).await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (413, Some("payload_too_large")));
+}
+
+#[tokio::test]
+async fn malformed_input_never_panics_or_500s() {
+    let t = gateway().await;
+    let paths = [
+        "/queue/",
+        "/queue//",
+        "/queue/a",
+        "/queue/a/b/requests/",
+        "/queue/a/b/requests/%00/status",
+        "/queue/%2e%2e/x",
+        "/queue/a/b/requests/00000000-0000-0000-0000-000000000000/status/stream/extra",
+        "/run/",
+        "/run/a//b",
+        "/queue/workflows",
+        "/queue/comfy/x",
+        "/run/a/b/stream/stream",
+        "/queue/a/b?fal_webhook=notaurl",
+        "/v1/keys/%ff",
+        "/queue/%ff/x",
+        "/run/a/%c3",
+        "/queue/a/b/requests/../../etc/passwd",
+    ];
+    let headers: [&[(&str, &str)]; 4] =
+        [&[], &[("x-fal-request-timeout", "-1")], &[("x-fal-queue-priority", "🔥")], &[("authorization", "Key \u{0}")]];
+    for p in paths {
+        for m in ["GET", "POST", "PUT", "DELETE"] {
+            for h in headers {
+                let Ok(req) = Request::builder().method(m).uri(p).header("authorization", &t.key).body(Body::from("{"))
+                else {
+                    continue;
+                };
+                let mut req = req;
+                for (k, v) in h {
+                    if let Ok(v) = axum::http::HeaderValue::from_bytes(v.as_bytes()) {
+                        req.headers_mut().insert(*k, v);
+                    }
+                }
+                let resp = t.gw.router().oneshot(req).await.unwrap();
+                let st = resp.status();
+                let typed = resp.headers().contains_key("x-fal-error-type");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let body = String::from_utf8_lossy(&body);
+                assert!(st.is_client_error(), "{m} {p} {h:?}: {st} {body}");
+                assert!(typed, "{m} {p} {h:?}: untyped error {st} {body}");
+            }
+        }
+    }
+}
