@@ -181,3 +181,21 @@ async fn malformed_input_never_panics_or_500s() {
         }
     }
 }
+
+#[tokio::test]
+async fn public_url_sets_the_absolute_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("db"), Durability::Normal).await.unwrap());
+    let cfg = GatewayConfig {
+        server_secret: b"0123456789abcdef0123456789abcdef".to_vec(),
+        public_url: Some("https://darkroom.example.com/api/".parse().unwrap()),
+        ..Default::default()
+    };
+    let gw = Gateway::new(cfg, store, Arc::new(SystemClock), darkroom_models::builtin_specs()).await.unwrap();
+    let (_, key) = gw.create_key("o", Scope::Client, "t").await.unwrap();
+    let t = T { gw, key: format!("Key {key}"), _dir: dir };
+    let (s, _, v) = t.call("POST", &format!("/queue/{APP}"), &[("host", "10.0.0.1:8080")], "{}").await;
+    assert_eq!(s, 200);
+    let id = v["request_id"].as_str().unwrap();
+    assert_eq!(v["response_url"], format!("https://darkroom.example.com/api/queue/{APP}/requests/{id}"));
+}
