@@ -130,6 +130,10 @@ pub struct NewJob {
     pub start_deadline: Option<Millis>,
     pub runner_hint: Option<String>,
     pub webhook_url: Option<String>,
+    /// `fal` or `standard`; None means the server's default.
+    pub webhook_dialect: Option<String>,
+    /// W3C trace context, passed on to the webhook receiver.
+    pub traceparent: Option<String>,
     pub store_io: bool,
     pub boot_id: String,
     pub created_at: Millis,
@@ -157,6 +161,8 @@ pub struct JobRecord {
     pub runner_hint: Option<String>,
     pub cancel_requested: bool,
     pub webhook_url: Option<String>,
+    pub webhook_dialect: Option<String>,
+    pub traceparent: Option<String>,
     pub store_io: bool,
     pub boot_id: String,
     pub created_at: Millis,

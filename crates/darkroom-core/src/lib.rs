@@ -9,6 +9,8 @@ pub mod job;
 pub mod json;
 pub mod protocol;
 pub mod route;
+pub mod tls;
+pub mod webhook;
 
 pub use error::{ApiError, ErrorType};
 

@@ -30,6 +30,7 @@ pub mod queue;
 pub mod run;
 pub mod server;
 pub mod tls;
+pub mod webhooks;
 
 /// Gateway settings (the CLI fills them from flags and environment).
 #[derive(Clone)]
@@ -52,6 +53,18 @@ pub struct GatewayConfig {
     pub server_secret: Vec<u8>,
     /// A key the proxy endpoint acts with when a browser request carries none.
     pub proxy_key: Option<String>,
+    /// Delay before each webhook attempt; its length is the number of attempts.
+    pub webhook_schedule: darkroom_core::webhook::Schedule,
+    /// Which addresses webhooks may reach (private ranges only through the allow-list).
+    pub webhook_policy: darkroom_core::webhook::AddressPolicy,
+    /// Header dialect when a request asks for none.
+    pub webhook_dialect: darkroom_core::webhook::Dialect,
+    /// Standard Webhooks `v1` HMAC secret (adds a `v1` signature beside `v1a`).
+    pub webhook_hmac_secret: Option<Vec<u8>>,
+    /// Per-attempt timeout.
+    pub webhook_timeout: Duration,
+    /// How long a retired signing key stays in the JWKS.
+    pub webhook_key_overlap: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -80,6 +93,12 @@ impl Default for GatewayConfig {
             body_limit: 32 * 1024 * 1024,
             server_secret: vec![],
             proxy_key: None,
+            webhook_schedule: Default::default(),
+            webhook_policy: Default::default(),
+            webhook_dialect: darkroom_core::webhook::Dialect::Fal,
+            webhook_hmac_secret: None,
+            webhook_timeout: Duration::from_secs(15),
+            webhook_key_overlap: Duration::from_secs(48 * 3600),
         }
     }
 }
@@ -107,6 +126,12 @@ pub struct Gateway {
     /// Latest progress report of running jobs.
     pub progress: Mutex<HashMap<String, Value>>,
     pub shutdown: CancellationToken,
+    /// Wakes the webhook dispatcher (a request finished, or a redelivery was asked for).
+    pub webhook_kick: tokio::sync::Notify,
+    /// Webhook signing keys, oldest first.
+    pub signing_keys: std::sync::RwLock<Vec<darkroom_store::SigningKeyRecord>>,
+    /// TLS for webhook targets: the system's CAs.
+    pub webhook_tls: Arc<rustls::ClientConfig>,
     pub(crate) router: OnceLock<Router>,
 }
 
@@ -145,8 +170,12 @@ impl Gateway {
             streams: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            webhook_kick: tokio::sync::Notify::new(),
+            signing_keys: std::sync::RwLock::new(vec![]),
+            webhook_tls: darkroom_core::tls::client_config(None).map_err(anyhow::Error::msg)?,
             router: OnceLock::new(),
         });
+        webhooks::load_keys(&gw).await?;
         let _ = gw.router.set(http::router(gw.clone()));
         Ok(gw)
     }
@@ -172,6 +201,9 @@ impl Gateway {
             let _ = tx.send(StreamMsg::Done);
         }
         metrics::job_completed(job);
+        if job.webhook_url.is_some() {
+            self.webhook_kick.notify_one();
+        }
         tracing::info!(
             request_id = %job.id,
             app = %job.app_id,
@@ -188,6 +220,13 @@ impl Gateway {
             Ok(Some(j)) => self.job_finished(&j),
             _ => self.job_changed(id),
         }
+    }
+
+    /// Starts the background tasks: sweeper, dispatchers, webhook delivery.
+    pub fn start_background(self: &Arc<Self>) {
+        hub::start_dispatchers(self);
+        tokio::spawn(self.clone().run_sweeper());
+        tokio::spawn(webhooks::run_dispatcher(self.clone()));
     }
 
     /// Applies the results of ended attempts: requeued jobs wake their dispatcher, completed ones their waiters.

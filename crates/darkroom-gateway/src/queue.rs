@@ -116,15 +116,30 @@ pub async fn enqueue_request_with(
         }
     };
     let webhook_url = match (mode, query_param(query, "fal_webhook")) {
-        (JobMode::Queue, Some(u)) => match url::Url::parse(&u) {
-            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Some(u),
-            _ => {
+        (JobMode::Queue, Some(u)) => match gw.cfg.webhook_policy.check_url(&u) {
+            Ok(_) => Some(u),
+            Err(msg) => {
                 return Err(ApiErr(darkroom_core::app::validation_error(vec![json!({
-                    "loc": ["query", "fal_webhook"], "msg": "must be an absolute http(s) URL", "type": "url_parsing"
+                    "loc": ["query", "fal_webhook"], "msg": format!("webhook URL {msg}"), "type": "url_parsing"
                 })])));
             }
         },
         _ => None,
+    };
+    let webhook_dialect = match header(headers, "x-darkroom-webhook-dialect")? {
+        None => None,
+        Some(v) => Some(
+            darkroom_core::webhook::Dialect::parse(v)
+                .ok_or_else(|| {
+                    err(ErrorType::InvalidRequest, "X-Darkroom-Webhook-Dialect must be 'fal' or 'standard'")
+                })?
+                .as_str()
+                .to_string(),
+        ),
+    };
+    let traceparent = match header(headers, "traceparent")? {
+        Some(t) if darkroom_core::webhook::valid_traceparent(t) => t.to_string(),
+        _ => darkroom_core::webhook::new_traceparent(),
     };
     let job = NewJob {
         id: darkroom_core::ids::new_request_id(),
@@ -140,6 +155,8 @@ pub async fn enqueue_request_with(
         start_deadline,
         runner_hint,
         webhook_url,
+        webhook_dialect,
+        traceparent: Some(traceparent),
         store_io,
         boot_id: gw.boot_id.clone(),
         created_at: now,

@@ -1,28 +1,9 @@
-//! TLS client configuration: the system roots plus an optional extra CA (Darkroom's local CA).
+//! TLS client configuration (shared with the gateway, in `darkroom-core`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
-
 /// A rustls client config trusting the system's CAs and, if given, the CA certificates in `extra_ca` (PEM).
 pub fn client_config(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).with_context(|| format!("reading CA certificate {}", path.display()))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.context("parsing CA certificate")?).context("adding CA certificate")?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    darkroom_core::tls::client_config(extra_ca).map_err(anyhow::Error::msg)
 }

@@ -24,6 +24,8 @@ pub fn job(id: &str, app: &str) -> NewJob {
         start_deadline: None,
         runner_hint: None,
         webhook_url: None,
+        webhook_dialect: None,
+        traceparent: None,
         store_io: true,
         boot_id: "boot-1".into(),
         created_at: 1_000,
@@ -273,6 +275,98 @@ pub async fn listing_and_depths(s: &dyn Store) {
     assert_eq!(s.count_queued_for_key("key-a", priority::INTERACTIVE).await.unwrap(), 0);
 }
 
+pub async fn the_webhook_outbox_is_written_with_the_completion(s: &dyn Store) {
+    let hook = |id: &str| NewJob {
+        webhook_url: Some(format!("https://example.com/{id}")),
+        traceparent: Some("tp".into()),
+        ..job(id, "app")
+    };
+    s.enqueue(&hook("ok")).await.unwrap();
+    s.enqueue(&hook("cancelled")).await.unwrap();
+    s.enqueue(&NewJob { start_deadline: Some(5), ..hook("late") }).await.unwrap();
+    s.enqueue(&job("plain", "app")).await.unwrap();
+    s.claim("ok", "r", 100, 1).await.unwrap().unwrap();
+    s.claim("plain", "r", 100, 1).await.unwrap().unwrap();
+    assert!(s.list_webhooks(&WebhookFilter::default()).await.unwrap().is_empty(), "nothing before completion");
+    s.complete("ok", 1, &ok_outcome(), 10).await.unwrap();
+    s.complete("plain", 1, &ok_outcome(), 10).await.unwrap();
+    s.cancel("cancelled", 11).await.unwrap();
+    s.expire_start_deadlines(12).await.unwrap();
+    let all = s.list_webhooks(&WebhookFilter::default()).await.unwrap();
+    let mut jobs: Vec<_> = all.iter().map(|d| d.job_id.as_str()).collect();
+    jobs.sort();
+    assert_eq!(jobs, ["cancelled", "late", "ok"], "one delivery per finished request with a webhook");
+    let ok = all.iter().find(|d| d.job_id == "ok").unwrap();
+    assert_eq!(ok.state, "pending");
+    assert_eq!(ok.next_attempt_at, Some(10));
+    assert_eq!(ok.owner_id, "owner-a");
+    assert_eq!(ok.traceparent.as_deref(), Some("tp"));
+    let body: serde_json::Value = serde_json::from_str(&ok.body).unwrap();
+    assert_eq!(body["status"], "OK");
+    assert_eq!(body["payload"], serde_json::json!({"ok": true}));
+    let c: serde_json::Value =
+        serde_json::from_str(&all.iter().find(|d| d.job_id == "cancelled").unwrap().body).unwrap();
+    assert_eq!(c["status"], "ERROR");
+}
+
+pub async fn webhook_deliveries_are_leased_retried_and_dead_lettered(s: &dyn Store) {
+    s.enqueue(&NewJob { webhook_url: Some("https://example.com/h".into()), ..job("j", "app") }).await.unwrap();
+    s.claim("j", "r", 100, 1).await.unwrap().unwrap();
+    s.complete("j", 1, &ok_outcome(), 10).await.unwrap();
+    assert_eq!(s.next_webhook_due().await.unwrap(), Some(10));
+    assert!(s.claim_due_webhooks(9, 1_000, 10).await.unwrap().is_empty(), "not due yet");
+    let got = s.claim_due_webhooks(10, 1_000, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let id = got[0].id.clone();
+    assert!(s.claim_due_webhooks(20, 1_000, 10).await.unwrap().is_empty(), "leased");
+    let fail = WebhookAttempt { attempt: 1, started_at: 20, duration_ms: 3, status: Some(500), error: None };
+    s.record_webhook_attempt(&id, &fail, DeliveryNext::Retry { at: 50 }, 23).await.unwrap();
+    assert!(s.claim_due_webhooks(49, 1_000, 10).await.unwrap().is_empty());
+    assert_eq!(s.claim_due_webhooks(50, 1_000, 10).await.unwrap().len(), 1);
+    let dead =
+        WebhookAttempt { attempt: 2, started_at: 50, duration_ms: 3, status: None, error: Some("timeout".into()) };
+    s.record_webhook_attempt(&id, &dead, DeliveryNext::Dead, 53).await.unwrap();
+    let (d, attempts) = s.get_webhook(&id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.attempts, d.last_error.as_deref()), ("dead", 2, Some("timeout")));
+    assert_eq!(attempts.iter().map(|a| a.status).collect::<Vec<_>>(), [Some(500), None]);
+    assert_eq!(s.next_webhook_due().await.unwrap(), None);
+    assert!(s.redeliver_webhook(&id, 60).await.unwrap());
+    assert!(!s.redeliver_webhook("missing", 60).await.unwrap());
+    let again = s.claim_due_webhooks(60, 1_000, 10).await.unwrap();
+    assert_eq!((again[0].round_start, again[0].attempts), (2, 2));
+    let ok = WebhookAttempt { attempt: 3, started_at: 60, duration_ms: 1, status: Some(204), error: None };
+    s.record_webhook_attempt(&id, &ok, DeliveryNext::Delivered, 61).await.unwrap();
+    let (d, _) = s.get_webhook(&id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.delivered_at), ("delivered", Some(61)));
+    let mine = s
+        .list_webhooks(&WebhookFilter {
+            job_id: Some("j".into()),
+            state: Some("delivered".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+}
+
+pub async fn a_new_boot_releases_webhook_leases(s: &dyn Store) {
+    s.start_boot("b1", 1).await.unwrap();
+    s.enqueue(&NewJob { webhook_url: Some("https://example.com/h".into()), ..job("j", "app") }).await.unwrap();
+    s.claim("j", "r", 100, 1).await.unwrap().unwrap();
+    s.complete("j", 1, &ok_outcome(), 10).await.unwrap();
+    assert_eq!(s.claim_due_webhooks(10, 1_000_000, 10).await.unwrap().len(), 1);
+    s.start_boot("b2", 20).await.unwrap();
+    assert_eq!(s.claim_due_webhooks(20, 1_000_000, 10).await.unwrap().len(), 1, "in-flight delivery due again");
+}
+
+pub async fn signing_keys_rotate(s: &dyn Store) {
+    let k = |kid: &str, at| SigningKeyRecord { kid: kid.into(), secret: "s".into(), created_at: at, retired_at: None };
+    s.insert_signing_key(&k("a", 1), true).await.unwrap();
+    s.insert_signing_key(&k("b", 5), true).await.unwrap();
+    let keys = s.list_signing_keys().await.unwrap();
+    assert_eq!(keys.iter().map(|k| (k.kid.as_str(), k.retired_at)).collect::<Vec<_>>(), [("a", Some(5)), ("b", None)]);
+}
+
 /// Many concurrent claimers: every job is claimed exactly once.
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
@@ -313,7 +407,9 @@ macro_rules! conformance_tests {
             fifo_within_priority_and_positions, claim_and_complete_with_fencing, retries_until_the_attempt_limit,
             a_requeued_job_keeps_its_place, cancel_queued_running_and_completed, leases_extend_and_expire,
             start_deadlines_expire_queued_jobs, logs_belong_to_the_current_attempt,
-            a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths);
+            a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths,
+            the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
+            a_new_boot_releases_webhook_leases, signing_keys_rotate);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -104,6 +104,68 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// A webhook delivery (the outbox row): one per finished request that asked for a webhook.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WebhookDelivery {
+    pub id: String,
+    pub job_id: String,
+    pub owner_id: String,
+    pub url: String,
+    /// The exact body every attempt sends.
+    pub body: String,
+    pub dialect: String,
+    /// pending, delivered or dead.
+    pub state: String,
+    pub attempts: i64,
+    /// `attempts` when the current round of the schedule began (manual redelivery starts a new round).
+    pub round_start: i64,
+    pub next_attempt_at: Option<Millis>,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub traceparent: Option<String>,
+    pub created_at: Millis,
+    pub delivered_at: Option<Millis>,
+}
+
+/// One delivery attempt, for the delivery log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WebhookAttempt {
+    pub attempt: i64,
+    pub started_at: Millis,
+    pub duration_ms: i64,
+    pub status: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// What an attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryNext {
+    Delivered,
+    Retry {
+        at: Millis,
+    },
+    /// Out of attempts: dead-lettered (the result stays fetchable; redelivery is manual).
+    Dead,
+}
+
+/// Filter for listing deliveries (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookFilter {
+    pub owner_id: Option<String>,
+    pub job_id: Option<String>,
+    pub state: Option<String>,
+    pub limit: i64,
+}
+
+/// A webhook signing key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub secret: String,
+    pub created_at: Millis,
+    pub retired_at: Option<Millis>,
+}
+
 /// Per-app counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppDepth {
@@ -171,4 +233,29 @@ pub trait Store: Send + Sync + 'static {
     async fn get_logs(&self, job_id: &str) -> StoreResult<Vec<LogEntry>>;
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
     async fn app_depths(&self) -> StoreResult<Vec<AppDepth>>;
+
+    /// Claims up to `limit` pending deliveries that are due, leasing them until `lease_until`.
+    async fn claim_due_webhooks(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
+    /// The earliest time a pending delivery is due.
+    async fn next_webhook_due(&self) -> StoreResult<Option<Millis>>;
+    /// Records an attempt and what follows it.
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        attempt: &WebhookAttempt,
+        next: DeliveryNext,
+        now: Millis,
+    ) -> StoreResult<()>;
+    async fn list_webhooks(&self, filter: &WebhookFilter) -> StoreResult<Vec<WebhookDelivery>>;
+    async fn get_webhook(&self, id: &str) -> StoreResult<Option<(WebhookDelivery, Vec<WebhookAttempt>)>>;
+    /// Starts a new round of the schedule now, whatever the delivery's state. False if unknown.
+    async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool>;
+    async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
+    /// Adds a signing key; with `retire_others`, every other active key is retired at `now`.
+    async fn insert_signing_key(&self, key: &SigningKeyRecord, retire_others: bool) -> StoreResult<()>;
 }

@@ -37,7 +37,7 @@ impl std::fmt::Debug for SqliteStore {
 
 const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
     max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
-    webhook_url, store_io, boot_id, created_at, started_at, completed_at, result_status, result_body, error, \
+    webhook_url, webhook_dialect, traceparent, store_io, boot_id, created_at, started_at, completed_at, result_status, result_body, error, \
     error_type, inference_ms";
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
@@ -63,6 +63,8 @@ fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
         runner_hint: r.try_get("runner_hint")?,
         cancel_requested: r.try_get("cancel_requested")?,
         webhook_url: r.try_get("webhook_url")?,
+        webhook_dialect: r.try_get("webhook_dialect")?,
+        traceparent: r.try_get("traceparent")?,
         store_io: r.try_get("store_io")?,
         boot_id: r.try_get("boot_id")?,
         created_at: r.try_get("created_at")?,
@@ -102,7 +104,54 @@ async fn write_outcome(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now:
     .bind(job_id)
     .execute(&mut *c)
     .await?;
+    enqueue_webhook_in(c, job_id, o, now).await
+}
+
+/// The outbox: in the same transaction as the completion, a delivery row for a request that asked for a webhook.
+async fn enqueue_webhook_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
+    let row = sqlx::query("SELECT webhook_url, webhook_dialect, traceparent, owner_id FROM jobs WHERE id = ?")
+        .bind(job_id)
+        .fetch_optional(&mut *c)
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let Some(url) = row.try_get::<Option<String>, _>("webhook_url")? else { return Ok(()) };
+    let dialect: Option<String> = row.try_get("webhook_dialect")?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, job_id, owner_id, url, body, dialect, state, next_attempt_at, traceparent, \
+         created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+    )
+    .bind(darkroom_core::ids::new_request_id())
+    .bind(job_id)
+    .bind(row.try_get::<String, _>("owner_id")?)
+    .bind(url)
+    .bind(darkroom_core::webhook::payload(job_id, o))
+    .bind(dialect.unwrap_or_default())
+    .bind(now)
+    .bind(row.try_get::<Option<String>, _>("traceparent")?)
+    .bind(now)
+    .execute(&mut *c)
+    .await?;
     Ok(())
+}
+
+fn delivery_from_row(r: &SqliteRow) -> StoreResult<WebhookDelivery> {
+    Ok(WebhookDelivery {
+        id: r.try_get("id")?,
+        job_id: r.try_get("job_id")?,
+        owner_id: r.try_get("owner_id")?,
+        url: r.try_get("url")?,
+        body: r.try_get("body")?,
+        dialect: r.try_get("dialect")?,
+        state: r.try_get("state")?,
+        attempts: r.try_get("attempts")?,
+        round_start: r.try_get("round_start")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_status: r.try_get("last_status")?,
+        last_error: r.try_get("last_error")?,
+        traceparent: r.try_get("traceparent")?,
+        created_at: r.try_get("created_at")?,
+        delivered_at: r.try_get("delivered_at")?,
+    })
 }
 
 /// Ends the running attempt `token` of a job inside a transaction: requeue or complete.
@@ -205,6 +254,10 @@ impl Store for SqliteStore {
             .await?
             .rows_affected();
         let mut report = BootReport { tokens_revoked: revoked, ..Default::default() };
+        // Deliveries in flight when the previous boot died are due again now.
+        sqlx::query("UPDATE webhook_deliveries SET lease_until = NULL WHERE state = 'pending'")
+            .execute(&mut *tx)
+            .await?;
         // Ephemeral jobs of earlier boots: nobody waits for them any more.
         let restarted = Outcome::platform(&ApiError::new(
             ErrorType::GatewayRestarted,
@@ -325,8 +378,8 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let res = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
-             no_retry, start_deadline, runner_hint, webhook_url, store_io, boot_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+             no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
+             created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
         )))
         .bind(&j.id)
         .bind(&j.app_id)
@@ -341,6 +394,8 @@ impl Store for SqliteStore {
         .bind(j.start_deadline)
         .bind(&j.runner_hint)
         .bind(&j.webhook_url)
+        .bind(&j.webhook_dialect)
+        .bind(&j.traceparent)
         .bind(j.store_io)
         .bind(&j.boot_id)
         .bind(j.created_at)
@@ -450,6 +505,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if n == 1 {
+            enqueue_webhook_in(&mut tx, job_id, o, now).await?;
+        }
         tx.commit().await?;
         Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
     }
@@ -611,5 +669,163 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn claim_due_webhooks(
+        &self,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE webhook_deliveries SET lease_until = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
+             WHERE state = 'pending' AND next_attempt_at <= ?2 AND (lease_until IS NULL OR lease_until < ?2) \
+             ORDER BY next_attempt_at LIMIT ?3) RETURNING *",
+        )
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let out = rows.iter().map(delivery_from_row).collect::<StoreResult<Vec<_>>>()?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn next_webhook_due(&self) -> StoreResult<Option<Millis>> {
+        let row = sqlx::query("SELECT min(next_attempt_at) AS t FROM webhook_deliveries WHERE state = 'pending'")
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(row.try_get("t")?)
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        a: &WebhookAttempt,
+        next: DeliveryNext,
+        now: Millis,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, status, error) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(a.attempt)
+        .bind(a.started_at)
+        .bind(a.duration_ms)
+        .bind(a.status)
+        .bind(&a.error)
+        .execute(&mut *tx)
+        .await?;
+        let (state, next_at, delivered_at) = match next {
+            DeliveryNext::Delivered => ("delivered", None, Some(now)),
+            DeliveryNext::Retry { at } => ("pending", Some(at), None),
+            DeliveryNext::Dead => ("dead", None, None),
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?, lease_until = NULL, \
+             last_status = ?, last_error = ?, delivered_at = coalesce(?, delivered_at) WHERE id = ?",
+        )
+        .bind(state)
+        .bind(next_at)
+        .bind(a.status)
+        .bind(&a.error)
+        .bind(delivered_at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_webhooks(&self, f: &WebhookFilter) -> StoreResult<Vec<WebhookDelivery>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(1000) };
+        let rows = sqlx::query(
+            "SELECT * FROM webhook_deliveries WHERE (?1 IS NULL OR owner_id = ?1) AND (?2 IS NULL OR job_id = ?2) \
+             AND (?3 IS NULL OR state = ?3) ORDER BY created_at DESC, id DESC LIMIT ?4",
+        )
+        .bind(&f.owner_id)
+        .bind(&f.job_id)
+        .bind(&f.state)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn get_webhook(&self, id: &str) -> StoreResult<Option<(WebhookDelivery, Vec<WebhookAttempt>)>> {
+        let Some(row) =
+            sqlx::query("SELECT * FROM webhook_deliveries WHERE id = ?").bind(id).fetch_optional(&self.reader).await?
+        else {
+            return Ok(None);
+        };
+        let d = delivery_from_row(&row)?;
+        let rows = sqlx::query("SELECT * FROM webhook_attempts WHERE delivery_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.reader)
+            .await?;
+        let attempts = rows
+            .iter()
+            .map(|r| {
+                Ok(WebhookAttempt {
+                    attempt: r.try_get("attempt")?,
+                    started_at: r.try_get("started_at")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                    status: r.try_get("status")?,
+                    error: r.try_get("error")?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Some((d, attempts)))
+    }
+
+    async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', round_start = attempts, next_attempt_at = ?, lease_until = NULL \
+             WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
+        let rows = sqlx::query("SELECT * FROM signing_keys ORDER BY created_at, kid").fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SigningKeyRecord {
+                    kid: r.try_get("kid")?,
+                    secret: r.try_get("secret")?,
+                    created_at: r.try_get("created_at")?,
+                    retired_at: r.try_get("retired_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_signing_key(&self, k: &SigningKeyRecord, retire_others: bool) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if retire_others {
+            sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
+                .bind(k.created_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO signing_keys (kid, secret, created_at, retired_at) VALUES (?, ?, ?, ?)")
+            .bind(&k.kid)
+            .bind(&k.secret)
+            .bind(k.created_at)
+            .bind(k.retired_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }

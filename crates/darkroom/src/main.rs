@@ -52,7 +52,7 @@ fn default_data_dir() -> PathBuf {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server: gateway, store and local runners for the built-in apps.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run a runner that serves one app, dialling out to a gateway.
     Runner(RunnerArgs),
     /// Print `export` lines that point the fal clients at the running server (use with `eval`).
@@ -83,6 +83,13 @@ enum Command {
         status: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: i64,
+    },
+    /// Webhook deliveries: the delivery log, manual redelivery, signing-key rotation.
+    Webhooks {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: WebhooksCommand,
     },
     /// Print the error catalog (Markdown).
     Errors,
@@ -140,6 +147,27 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+enum WebhooksCommand {
+    /// List deliveries, newest first.
+    Ls {
+        /// Only pending, delivered or dead deliveries.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this request's deliveries.
+        #[arg(long)]
+        request: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Show one delivery with its payload and every attempt.
+    Show { id: String },
+    /// Deliver again now, with a fresh round of the retry schedule.
+    Redeliver { id: String },
+    /// Make a new signing key; the old one stays in the JWKS for the overlap period.
+    RotateKey,
+}
+
+#[derive(Subcommand)]
 enum RunnersCommand {
     /// List connected runners.
     Ls,
@@ -162,7 +190,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Runner(a) => {
                 darkroom_runner::run_runner(darkroom_runner::RunnerConfig {
                     gateway: a.gateway,
@@ -220,6 +248,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())
@@ -313,6 +342,51 @@ async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Revoke { key_id } => {
             c.delete(&format!("/v1/keys/{key_id}")).await?;
             println!("revoked {key_id}");
+        }
+    }
+    Ok(())
+}
+
+async fn webhooks_cmd(dir: &Path, cmd: WebhooksCommand) -> anyhow::Result<()> {
+    let c = client::Client::admin(dir)?;
+    match cmd {
+        WebhooksCommand::Ls { state, request, limit } => {
+            let mut q = format!("/v1/webhooks?limit={limit}");
+            if let Some(s) = state {
+                q.push_str(&format!("&state={s}"));
+            }
+            if let Some(r) = request {
+                q.push_str(&format!("&request_id={r}"));
+            }
+            let v = c.get(&q).await?;
+            println!(
+                "{:<38} {:<38} {:<10} {:>4} {:>6} {:<25} URL",
+                "DELIVERY", "REQUEST", "STATE", "TRY", "LAST", "NEXT"
+            );
+            for d in v["webhooks"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<38} {:<38} {:<10} {:>4} {:>6} {:<25} {}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["request_id"].as_str().unwrap_or(""),
+                    d["state"].as_str().unwrap_or(""),
+                    d["attempts"],
+                    d["last_status"].as_i64().map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                    d["next_attempt_at"].as_str().unwrap_or("-"),
+                    d["url"].as_str().unwrap_or("")
+                );
+            }
+        }
+        WebhooksCommand::Show { id } => {
+            let v = c.get(&format!("/v1/webhooks/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        WebhooksCommand::Redeliver { id } => {
+            c.post(&format!("/v1/webhooks/{id}/redeliver"), &json!({})).await?;
+            println!("redelivery of {id} scheduled");
+        }
+        WebhooksCommand::RotateKey => {
+            let v = c.post("/v1/webhooks/keys/rotate", &json!({})).await?;
+            println!("new signing key {}", v["kid"].as_str().unwrap_or(""));
         }
     }
     Ok(())

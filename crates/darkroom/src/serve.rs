@@ -54,6 +54,24 @@ pub struct ServeArgs {
     /// A key (`key_id:secret`) the /api/fal/proxy endpoint acts with for requests that carry none (browsers).
     #[arg(long, env = "DARKROOM_PROXY_KEY", hide_env_values = true)]
     pub proxy_key: Option<String>,
+    /// Webhook retry schedule: the delay before each attempt (ms, s, m, h). Default: 10 attempts over about 2 hours.
+    #[arg(long, env = "DARKROOM_WEBHOOK_SCHEDULE", default_value = "0,10s,30s,1m,3m,5m,10m,20m,30m,50m")]
+    pub webhook_schedule: String,
+    /// Private addresses webhooks may reach anyway: comma-separated CIDRs or addresses (e.g. 127.0.0.1/32,10.0.0.0/8).
+    #[arg(long, env = "DARKROOM_WEBHOOK_ALLOW", default_value = "")]
+    pub webhook_allow: String,
+    /// Webhook header dialect when a request asks for none: `fal` or `standard` (Standard Webhooks).
+    #[arg(long, env = "DARKROOM_WEBHOOK_DIALECT", default_value = "fal")]
+    pub webhook_dialect: String,
+    /// Standard Webhooks secret (`whsec_…`): adds an HMAC `v1` signature beside the Ed25519 `v1a` one.
+    #[arg(long, env = "DARKROOM_WEBHOOK_HMAC_SECRET", hide_env_values = true)]
+    pub webhook_hmac_secret: Option<String>,
+    /// Per-attempt webhook timeout, in milliseconds.
+    #[arg(long, env = "DARKROOM_WEBHOOK_TIMEOUT_MS", default_value_t = 15_000)]
+    pub webhook_timeout_ms: u64,
+    /// Hours a rotated-out signing key stays published in the JWKS.
+    #[arg(long, env = "DARKROOM_WEBHOOK_KEY_OVERLAP_HOURS", default_value_t = 48)]
+    pub webhook_key_overlap_hours: u64,
     /// Do not start local runner processes for the built-in apps (runners join with `darkroom runner`).
     #[arg(long, env = "DARKROOM_NO_LOCAL_RUNNERS")]
     pub no_local_runners: bool,
@@ -137,6 +155,18 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         body_limit: a.body_limit,
         server_secret: secret,
         proxy_key: a.proxy_key.clone(),
+        webhook_schedule: darkroom_core::webhook::Schedule::parse(&a.webhook_schedule)
+            .map_err(|e| anyhow::anyhow!("--webhook-schedule: {e}"))?,
+        webhook_policy: darkroom_core::webhook::AddressPolicy::parse(&a.webhook_allow)
+            .map_err(|e| anyhow::anyhow!("--webhook-allow: {e}"))?,
+        webhook_dialect: darkroom_core::webhook::Dialect::parse(&a.webhook_dialect)
+            .ok_or_else(|| anyhow::anyhow!("--webhook-dialect must be fal or standard"))?,
+        webhook_hmac_secret: match &a.webhook_hmac_secret {
+            Some(s) => Some(darkroom_core::webhook::decode_whsec(s).context("--webhook-hmac-secret is not base64")?),
+            None => None,
+        },
+        webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.max(1)),
+        webhook_key_overlap: std::time::Duration::from_secs(a.webhook_key_overlap_hours * 3600),
         ..GatewayConfig::default()
     };
     let apps = darkroom_models::builtin_specs();
@@ -167,8 +197,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         .map(|u| u.as_str().trim_end_matches('/').to_string())
         .unwrap_or_else(|| local_url.clone());
 
-    darkroom_gateway::hub::start_dispatchers(&gw);
-    tokio::spawn(gw.clone().run_sweeper());
+    gw.start_background();
     let server = tokio::spawn(darkroom_gateway::server::serve(listener, gw.router(), tls_config, gw.shutdown.clone()));
 
     let runners_shutdown = tokio_util_shutdown();

@@ -150,6 +150,13 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
             "--listen",
             "127.0.0.1:0",
             "--tls",
+            # Webhook tests deliver to receivers on 127.0.0.1, with a fast retry schedule.
+            "--webhook-allow",
+            "127.0.0.1/32",
+            "--webhook-schedule",
+            "0,150ms,150ms,150ms,150ms",
+            "--webhook-timeout-ms",
+            "2000",
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
