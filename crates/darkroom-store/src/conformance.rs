@@ -319,6 +319,7 @@ pub async fn webhook_deliveries_are_leased_retried_and_dead_lettered(s: &dyn Sto
     assert_eq!(got.len(), 1);
     let id = got[0].id.clone();
     assert!(s.claim_due_webhooks(20, 1_000, 10).await.unwrap().is_empty(), "leased");
+    assert_eq!(s.next_webhook_due().await.unwrap(), Some(1_000), "a leased delivery is not due before its lease ends");
     let fail = WebhookAttempt { attempt: 1, started_at: 20, duration_ms: 3, status: Some(500), error: None };
     s.record_webhook_attempt(&id, &fail, DeliveryNext::Retry { at: 50 }, 23).await.unwrap();
     assert!(s.claim_due_webhooks(49, 1_000, 10).await.unwrap().is_empty());

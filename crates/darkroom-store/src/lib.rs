@@ -241,7 +241,7 @@ pub trait Store: Send + Sync + 'static {
         lease_until: Millis,
         limit: i64,
     ) -> StoreResult<Vec<WebhookDelivery>>;
-    /// The earliest time a pending delivery is due.
+    /// The earliest time a pending delivery can be claimed (due, and not leased).
     async fn next_webhook_due(&self) -> StoreResult<Option<Millis>>;
     /// Records an attempt and what follows it.
     async fn record_webhook_attempt(

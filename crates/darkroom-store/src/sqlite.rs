@@ -694,7 +694,8 @@ impl Store for SqliteStore {
     }
 
     async fn next_webhook_due(&self) -> StoreResult<Option<Millis>> {
-        let row = sqlx::query("SELECT min(next_attempt_at) AS t FROM webhook_deliveries WHERE state = 'pending'")
+        let row = sqlx::query("SELECT min(max(next_attempt_at, coalesce(lease_until, 0))) AS t FROM webhook_deliveries \
+             WHERE state = 'pending'")
             .fetch_one(&self.writer)
             .await?;
         Ok(row.try_get("t")?)

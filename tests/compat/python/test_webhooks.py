@@ -26,8 +26,9 @@ APP = "darkroom/diagnostics"
 class Receiver:
     """An HTTP receiver on 127.0.0.1 that records deliveries and fails the first ``fail_first`` of them."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, redirect_to: str | None = None):
         self.fail_first = fail_first
+        self.redirect_to = redirect_to
         self.calls: list[dict] = []
         self.lock = threading.Lock()
         outer = self
@@ -39,7 +40,11 @@ class Receiver:
                     outer.calls.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
                     n = len(outer.calls)
                 code = 500 if n <= outer.fail_first else 200
+                if outer.redirect_to:
+                    code = 302
                 self.send_response(code)
+                if outer.redirect_to:
+                    self.send_header("location", outer.redirect_to)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -181,3 +186,26 @@ def test_private_webhook_targets_are_refused_at_submit(fal):
             fal.submit(APP, {}, webhook_url=url)
         assert e.value.status_code == 422, url
         assert "fal_webhook" in str(e.value), str(e.value)
+
+
+def test_redirects_are_not_followed(fal, darkroom):
+    target = Receiver()
+    bouncer = Receiver(redirect_to=target.url)
+    try:
+        handle = fal.submit(APP, {"echo": "no redirects"}, webhook_url=bouncer.url)
+        calls = bouncer.wait(5)  # every attempt of the session server's 5-attempt schedule answers 302
+        assert len(calls) == 5
+        deadline = time.monotonic() + 10
+        while True:
+            r = httpx.get(f"{darkroom.url}/v1/webhooks", params={"request_id": handle.request_id}, headers=admin(darkroom),
+                          verify=ssl.create_default_context(cafile=darkroom.ca_bundle))
+            d = r.json()["webhooks"][0]
+            if d["state"] == "dead" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert d["state"] == "dead" and d["last_status"] == 302, d
+        assert target.calls == [], "the redirect target was never contacted"
+        assert fal.result(APP, handle.request_id) == {"echo": "no redirects", "attempt": 1}, "the result stays fetchable"
+    finally:
+        target.close()
+        bouncer.close()
