@@ -194,6 +194,22 @@ async fn fail_attempt_in(
     }
 }
 
+/// Ends the current attempt of each (id, attempts) row as "runner lost".
+async fn fail_rows_in(
+    c: &mut SqliteConnection,
+    rows: Vec<SqliteRow>,
+    now: Millis,
+) -> StoreResult<Vec<(String, AttemptResult)>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        let token: i64 = r.try_get("attempts")?;
+        let res = fail_attempt_in(c, &id, token, &runner_lost(), now).await?;
+        out.push((id, res));
+    }
+    Ok(out)
+}
+
 fn runner_lost() -> Outcome {
     Outcome::platform(&ApiError::new(ErrorType::RunnerDisconnected, "The runner serving this request was lost"))
 }
@@ -526,13 +542,7 @@ impl Store for SqliteStore {
                 .bind(runner_id)
                 .fetch_all(&mut *tx)
                 .await?;
-        let mut out = Vec::new();
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            let token: i64 = r.try_get("attempts")?;
-            let res = fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await?;
-            out.push((id, res));
-        }
+        let out = fail_rows_in(&mut tx, rows, now).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -544,13 +554,7 @@ impl Store for SqliteStore {
                 .bind(now)
                 .fetch_all(&mut *tx)
                 .await?;
-        let mut out = Vec::new();
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            let token: i64 = r.try_get("attempts")?;
-            let res = fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await?;
-            out.push((id, res));
-        }
+        let out = fail_rows_in(&mut tx, rows, now).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -694,10 +698,12 @@ impl Store for SqliteStore {
     }
 
     async fn next_webhook_due(&self) -> StoreResult<Option<Millis>> {
-        let row = sqlx::query("SELECT min(max(next_attempt_at, coalesce(lease_until, 0))) AS t FROM webhook_deliveries \
-             WHERE state = 'pending'")
-            .fetch_one(&self.writer)
-            .await?;
+        let row = sqlx::query(
+            "SELECT min(max(next_attempt_at, coalesce(lease_until, 0))) AS t FROM webhook_deliveries \
+             WHERE state = 'pending'",
+        )
+        .fetch_one(&self.writer)
+        .await?;
         Ok(row.try_get("t")?)
     }
 
