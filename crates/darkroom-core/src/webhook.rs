@@ -189,6 +189,9 @@ impl Schedule {
         if v.is_empty() || v.len() > 100 {
             return Err("a schedule has 1 to 100 attempts".into());
         }
+        if v[0] != Duration::ZERO {
+            return Err("the first attempt is made at completion: start the schedule with 0".into());
+        }
         Ok(Schedule(v))
     }
 
@@ -234,7 +237,19 @@ pub fn is_private(ip: IpAddr) -> bool {
                 return is_private(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            // IPv4-compatible (::a.b.c.d), 6to4 (2002::/16) and Teredo (2001::/32) embed an IPv4 address.
+            let v4 = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8))
+            };
+            if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+                return is_private(v4(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_private(v4(s[1], s[2]));
+            }
             v6.is_loopback()
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254
@@ -379,6 +394,7 @@ mod tests {
         assert_eq!(s.attempts(), 10);
         let total: u64 = s.0.iter().map(|d| d.as_secs()).sum();
         assert!((6_600..=7_800).contains(&total), "about two hours: {total}");
+        assert!(Schedule::parse("5s,10s").is_err(), "the first entry is the immediate attempt");
         let t = Schedule::parse("0, 50ms, 1s, 2m").unwrap();
         assert_eq!(
             t.0,
@@ -405,6 +421,11 @@ mod tests {
             "fd00:ec2::254",
             "::ffff:127.0.0.1",
             "100.64.0.1",
+            "::10.0.0.1",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "2001:0:1::1",
         ] {
             assert!(!p.permits(a.parse().unwrap()), "{a}");
         }

@@ -128,6 +128,23 @@ async fn method_not_allowed(req: Request) -> Response {
     .into_response()
 }
 
+/// With `--no-auth`, any web page the local user opens could call the API (or reach it by DNS rebinding): only
+/// loopback host names are served, and CORS stays off.
+async fn loopback_hosts_only(req: Request, next: Next) -> Response {
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    let ok =
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !ok {
+        return err(ErrorType::Forbidden, "With --no-auth only loopback host names are served").into_response();
+    }
+    next.run(req).await
+}
+
 /// The complete HTTP service.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let cors = CorsLayer::new()
@@ -140,6 +157,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "x-fal-request-timeout-type".parse().unwrap(),
         ])
         .max_age(std::time::Duration::from_secs(600));
+    let gw_no_auth = gw.cfg.no_auth;
     let inner = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
@@ -155,10 +173,14 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(gw.cfg.body_limit))
         .with_state(gw);
-    Router::new()
-        .fallback_service(inner)
-        .layer(axum::middleware::from_fn(host_routing))
-        .layer(cors)
+    let no_auth = gw_no_auth;
+    let mut outer = Router::new().fallback_service(inner).layer(axum::middleware::from_fn(host_routing));
+    if no_auth {
+        outer = outer.layer(axum::middleware::from_fn(loopback_hosts_only));
+    } else {
+        outer = outer.layer(cors);
+    }
+    outer
         .layer(axum::middleware::from_fn(request_ids))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
 }

@@ -100,6 +100,17 @@ impl Hub {
             .map(|c| c.info.runner_id.clone())
     }
 
+    /// A job's lease ran out while its runner may still be connected: take it off the runner and tell it to stop.
+    pub fn lease_lost(&self, job_id: &str) {
+        let mut m = self.runners.lock().unwrap();
+        for c in m.values_mut() {
+            if let Some(token) = c.in_flight.remove(job_id) {
+                let _ = c.tx.send(GatewayFrame::Cancel { job_id: job_id.to_string(), token });
+                self.kick(&c.info.app_id);
+            }
+        }
+    }
+
     fn in_flight_token(&self, runner_id: &str, job_id: &str) -> Option<i64> {
         self.runners.lock().unwrap().get(runner_id).and_then(|c| c.in_flight.get(job_id).copied())
     }
@@ -267,10 +278,30 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
                     Ok(Some(Ok(_))) => continue,
                     Err(_) => { tracing::warn!(%runner_id, "runner silent; dropping it"); break; }
                 };
-                match serde_json::from_str::<RunnerFrame>(&text) {
-                    Ok(frame) => handle_frame(&gw, &runner_id, &app_id, frame).await,
-                    Err(e) => tracing::warn!(%runner_id, error = %e, "bad frame from runner"),
+                // Log lines that are already waiting go to the store in one transaction, ahead of the next frame.
+                let mut frames = vec![text];
+                while frames.len() < 512 {
+                    match futures::FutureExt::now_or_never(socket.recv()) {
+                        Some(Some(Ok(Message::Text(t)))) => frames.push(t),
+                        Some(Some(Ok(Message::Close(_)))) | Some(None) | Some(Some(Err(_))) => break,
+                        Some(Some(Ok(_))) => continue,
+                        None => break,
+                    }
                 }
+                let mut logs: Vec<(String, i64, LogEntry)> = Vec::new();
+                for text in frames {
+                    match serde_json::from_str::<RunnerFrame>(&text) {
+                        Ok(RunnerFrame::Log { job_id, token, level, message, timestamp }) => {
+                            logs.push((job_id, token, LogEntry { timestamp, level: normalize_level(&level).into(), message }));
+                        }
+                        Ok(frame) => {
+                            flush_logs(&gw, &runner_id, std::mem::take(&mut logs)).await;
+                            handle_frame(&gw, &runner_id, &app_id, frame).await;
+                        }
+                        Err(e) => tracing::warn!(%runner_id, error = %e, "bad frame from runner"),
+                    }
+                }
+                flush_logs(&gw, &runner_id, logs).await;
             }
             out = rx.recv() => {
                 let Some(frame) = out else { break };
@@ -291,6 +322,53 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
     gw.hub.kick(&app_id);
 }
 
+/// A completion is retried a few times if the store fails (a full disk, a busy writer), so a finished job is not
+/// left to its lease.
+async fn complete_with_retry(
+    gw: &Gateway,
+    job_id: &str,
+    token: i64,
+    outcome: &Outcome,
+    now: i64,
+) -> Result<bool, darkroom_store::StoreError> {
+    let mut delay = Duration::from_millis(50);
+    let mut tries = 0;
+    loop {
+        match gw.store.complete(job_id, token, outcome, now).await {
+            Ok(r) => return Ok(r == CompleteResult::Applied),
+            Err(e) if tries < 4 && !gw.shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, request_id = %job_id, "completion write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes log lines, grouped per attempt, one transaction per attempt; only attempts this runner holds.
+async fn flush_logs(gw: &Gateway, runner_id: &str, logs: Vec<(String, i64, LogEntry)>) {
+    let mut groups: Vec<((String, i64), Vec<LogEntry>)> = Vec::new();
+    for (job, token, entry) in logs {
+        match groups.last_mut() {
+            Some((k, v)) if k.0 == job && k.1 == token => v.push(entry),
+            _ => groups.push(((job, token), vec![entry])),
+        }
+    }
+    for ((job_id, token), entries) in groups {
+        if gw.hub.in_flight_token(runner_id, &job_id) != Some(token) {
+            refused(gw, runner_id, &job_id, token, "this runner does not hold that attempt");
+            continue;
+        }
+        match gw.store.append_logs(&job_id, token, &entries).await {
+            Ok(true) => gw.job_changed(&job_id),
+            Ok(false) => refused(gw, runner_id, &job_id, token, "stale token"),
+            Err(e) => tracing::error!(error = %e, "appending logs failed"),
+        }
+    }
+}
+
 fn refused(gw: &Gateway, runner_id: &str, job_id: &str, token: i64, reason: &str) {
     gw.hub.send(runner_id, GatewayFrame::Refused { job_id: job_id.into(), token, reason: reason.into() });
 }
@@ -299,18 +377,14 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
     let now = gw.now();
     match frame {
         RunnerFrame::Hello { .. } | RunnerFrame::Ack { .. } => {}
-        RunnerFrame::Heartbeat { .. } => {
-            if let Err(e) = gw.store.extend_leases(runner_id, now + gw.cfg.lease_ms).await {
+        RunnerFrame::Heartbeat { running } => {
+            if let Err(e) = gw.store.extend_leases(runner_id, &running, now + gw.cfg.lease_ms).await {
                 tracing::error!(error = %e, "extending leases failed");
             }
         }
         RunnerFrame::Log { job_id, token, level, message, timestamp } => {
             let entry = LogEntry { timestamp, level: normalize_level(&level).into(), message };
-            match gw.store.append_logs(&job_id, token, &[entry]).await {
-                Ok(true) => gw.job_changed(&job_id),
-                Ok(false) => refused(gw, runner_id, &job_id, token, "stale token"),
-                Err(e) => tracing::error!(error = %e, "appending logs failed"),
-            }
+            flush_logs(gw, runner_id, vec![(job_id, token, entry)]).await;
         }
         RunnerFrame::Progress { job_id, token, fraction, message } => {
             if gw.hub.in_flight_token(runner_id, &job_id) == Some(token) {
@@ -331,16 +405,26 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
             }
         }
         RunnerFrame::Complete { job_id, token, status, body, error_type, inference_ms } => {
-            if let Some(c) = gw.hub.runners.lock().unwrap().get_mut(runner_id) {
-                c.in_flight.remove(&job_id);
-            }
+            // The slot is free whatever happens next; only the holder of this attempt may complete it.
+            let held = {
+                let mut m = gw.hub.runners.lock().unwrap();
+                match m.get_mut(runner_id) {
+                    Some(c) if c.in_flight.get(&job_id) == Some(&token) => {
+                        c.in_flight.remove(&job_id);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            gw.progress.lock().unwrap().remove(&job_id);
             gw.hub.kick(app_id);
+            if !held {
+                refused(gw, runner_id, &job_id, token, "this runner does not hold that attempt");
+                return;
+            }
             let body_s = body.to_string();
             let result = if status == 200 {
-                gw.store
-                    .complete(&job_id, token, &Outcome::success(body_s, inference_ms), now)
-                    .await
-                    .map(|r| r == CompleteResult::Applied)
+                complete_with_retry(gw, &job_id, token, &Outcome::success(body_s, inference_ms), now).await
             } else {
                 let message = match body.get("detail") {
                     Some(Value::String(s)) => s.clone(),
@@ -367,17 +451,16 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                         Err(e) => Err(e),
                     }
                 } else {
-                    gw.store.complete(&job_id, token, &outcome, now).await.map(|r| r == CompleteResult::Applied)
+                    complete_with_retry(gw, &job_id, token, &outcome, now).await
                 }
             };
             match result {
-                Ok(true) => {
-                    if let Ok(Some(j)) = gw.store.get_job(&job_id).await {
-                        gw.job_finished(&j);
-                    }
-                }
+                Ok(true) => gw.finished_by_id(&job_id).await,
                 Ok(false) => refused(gw, runner_id, &job_id, token, "stale token: the attempt is no longer current"),
-                Err(e) => tracing::error!(error = %e, "completing job failed"),
+                Err(e) => {
+                    // The attempt's lease runs out and the job runs again: never left running forever.
+                    tracing::error!(error = %e, request_id = %job_id, "completing job failed; it will be retried");
+                }
             }
         }
     }

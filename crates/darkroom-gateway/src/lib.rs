@@ -215,10 +215,16 @@ impl Gateway {
         self.job_changed(&job.id);
     }
 
-    async fn finished_by_id(&self, id: &str) {
+    /// [`Gateway::job_finished`] by id; streams and waiters are woken even if the job cannot be re-read.
+    pub async fn finished_by_id(&self, id: &str) {
         match self.store.get_job(id).await {
             Ok(Some(j)) => self.job_finished(&j),
-            _ => self.job_changed(id),
+            _ => {
+                if let Some(tx) = self.streams.lock().unwrap().get(id) {
+                    let _ = tx.send(StreamMsg::Done);
+                }
+                self.job_changed(id);
+            }
         }
     }
 
@@ -313,6 +319,9 @@ impl Gateway {
             match self.store.expire_leases(now).await {
                 Ok(r) if !r.is_empty() => {
                     tracing::warn!(count = r.len(), "leases expired");
+                    for (id, _) in &r {
+                        self.hub.lease_lost(id);
+                    }
                     self.attempts_ended(&r).await;
                 }
                 Ok(_) => {}

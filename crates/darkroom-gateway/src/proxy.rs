@@ -23,26 +23,27 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         return err(ErrorType::ProxyTargetInvalid, "x-fal-target-url is not a URL").into_response();
     };
     let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-    let prefix = FAL_HOSTS.iter().find(|(h, _)| *h == host).map(|(_, p)| *p).or_else(|| {
-        // This server's own URLs (e.g. status URLs it returned) are allowed too.
-        let own = gw.cfg.public_url.as_ref().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-        let same = own.as_deref() == Some(host.as_str())
-            || req
-                .headers()
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase())
-                == Some(host.clone());
-        same.then_some("")
-    });
-    let Some(prefix) = prefix else {
+    // fal's hosts map to their routes; this server's public URL is accepted for the URLs it returned. The Host
+    // header is the caller's to choose, so it is never trusted here.
+    let (prefix, path) = if let Some((_, p)) = FAL_HOSTS.iter().find(|(h, _)| *h == host) {
+        (*p, url.path().to_string())
+    } else if gw.cfg.public_url.as_ref().and_then(|u| u.host_str()).is_some_and(|h| h.eq_ignore_ascii_case(&host)) {
+        let base = gw.cfg.public_url.as_ref().map(|u| u.path().trim_end_matches('/').to_string()).unwrap_or_default();
+        ("", url.path().strip_prefix(base.as_str()).unwrap_or(url.path()).to_string())
+    } else {
         return err(
             ErrorType::ProxyTargetInvalid,
             format!("Proxy target host '{}' is not allowed", host.escape_default()),
         )
         .into_response();
     };
-    let mut pq = format!("{prefix}{}", url.path());
+    // Only the fal API surfaces: never the platform API, whatever key the proxy would add.
+    let full = format!("{prefix}{path}");
+    if !["/run/", "/queue/", "/rest/", "/cdn/"].iter().any(|p| full.starts_with(p)) || full.contains("/../") {
+        return err(ErrorType::ProxyTargetInvalid, "The proxy only forwards to the run, queue, rest and cdn APIs")
+            .into_response();
+    }
+    let mut pq = full;
     if let Some(q) = url.query() {
         pq.push('?');
         pq.push_str(q);

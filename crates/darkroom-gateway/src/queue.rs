@@ -295,15 +295,11 @@ async fn handle_inner(
             let job = visible_job(&gw, &caller, &app, &request_id).await?;
             let (code, status) = match gw.cancel_job(&job.id).await? {
                 CancelResult::Cancelled { .. } => (StatusCode::ACCEPTED, "CANCELLATION_REQUESTED"),
-                CancelResult::AlreadyCompleted => (StatusCode::BAD_REQUEST, "ALREADY_COMPLETED"),
+                // 2xx, as fal-protocol.md §10.7: the clients raise on >= 400 and fire cancels from timeout paths.
+                CancelResult::AlreadyCompleted => (StatusCode::OK, "ALREADY_COMPLETED"),
                 CancelResult::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             };
-            let mut body = json!({"status": status});
-            if code == StatusCode::BAD_REQUEST {
-                body["detail"] = json!("Request already completed");
-                body["error_type"] = json!("conflict");
-            }
-            Ok(json_response(code, &body, Some(&job.id)))
+            Ok(json_response(code, &json!({"status": status}), Some(&job.id)))
         }
         QueueRoute::OpenApi { .. } => unreachable!("handled above"),
     }

@@ -123,9 +123,19 @@ async fn stream(
     // Validate and enqueue, registering the stream under the id before any runner can see the job.
     let (_, job) = {
         let gw2 = gw.clone();
-        let reg = move |id: &str| gw2.streams.lock().unwrap().insert(id.to_string(), tx.clone());
-
-        enqueue_stream(&gw, caller, &app, &path, method, query, headers, body, reg).await?
+        let registered = std::sync::Mutex::new(None::<String>);
+        let reg = |id: &str| {
+            *registered.lock().unwrap() = Some(id.to_string());
+            gw2.streams.lock().unwrap().insert(id.to_string(), tx.clone())
+        };
+        let res = enqueue_stream(&gw, caller, &app, &path, method, query, headers, body, reg).await;
+        if res.is_err() {
+            // The request was refused or not stored: nothing will ever finish this stream.
+            if let Some(id) = registered.lock().unwrap().take() {
+                gw.streams.lock().unwrap().remove(&id);
+            }
+        }
+        res?
     };
     let mut guard = CancelOnDrop { gw: gw.clone(), id: job.id.clone(), armed: true };
     // Errors before the first event are ordinary JSON errors with a real status code.
@@ -155,16 +165,31 @@ async fn stream(
     tokio::spawn(async move {
         let mut guard = guard;
         let mut next = Some(first);
+        let mut sent_output = false;
         loop {
             let msg = match next.take() {
                 Some(m) => m,
                 None => tokio::select! {
                     m = rx.recv() => m.unwrap_or(StreamMsg::Done),
                     _ = etx.closed() => return, // client gone: the guard cancels the job
+                    // A safety net: if a Done was ever missed, the stored state still ends the stream.
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                        match gw.store.get_job(&id).await {
+                            Ok(Some(j)) if j.state == JobState::Completed => StreamMsg::Done,
+                            _ => continue,
+                        }
+                    }
                 },
             };
             match msg {
                 StreamMsg::Partial(v) => {
+                    if !sent_output {
+                        // Output has reached the client: a retry would replay it, so there is none.
+                        sent_output = true;
+                        if let Err(e) = gw.store.disable_retries(&id).await {
+                            tracing::error!(error = %e, "disabling retries of a stream failed");
+                        }
+                    }
                     let ev = Event::default().data(darkroom_core::json::to_ascii_string(&v));
                     if etx.send(Ok(ev)).await.is_err() {
                         return;

@@ -169,7 +169,10 @@ async fn attempt(gw: &Gateway, d: &WebhookDelivery) -> (Option<i64>, Option<Stri
 async fn deliver(gw: &Gateway, d: WebhookDelivery) {
     let started = gw.now();
     let t0 = Instant::now();
-    let (status, error) = attempt(gw, &d).await;
+    // The whole attempt, name resolution included, ends well inside the delivery's lease.
+    let limit = gw.cfg.webhook_timeout + Duration::from_secs(2);
+    let (status, error) =
+        tokio::time::timeout(limit, attempt(gw, &d)).await.unwrap_or((None, Some("timed out".into())));
     let ok = status.is_some_and(|s| (200..300).contains(&s));
     let now = gw.now();
     let done_in_round = (d.attempts - d.round_start + 1).max(1) as u32;
@@ -302,7 +305,9 @@ async fn redeliver(
 ) -> ApiResult<Response> {
     let Path(id) = id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     visible(&gw, &headers, &id).await?;
-    gw.store.redeliver_webhook(&id, gw.now()).await?;
+    if !gw.store.redeliver_webhook(&id, gw.now()).await? {
+        return Err(err(ErrorType::Conflict, "An attempt of this delivery is in flight; try again when it has ended"));
+    }
     gw.webhook_kick.notify_one();
     Ok(json_response(StatusCode::ACCEPTED, &json!({"id": id, "state": "pending"}), None))
 }

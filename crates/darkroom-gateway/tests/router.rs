@@ -114,6 +114,14 @@ async fn namespaces_paths_and_hosts() {
     assert_eq!((s.as_u16(), v["status"].as_str()), (202, Some("IN_QUEUE")));
     let (s, _, v) = t.call("GET", "/api/fal/proxy", &[], "").await;
     assert_eq!((s.as_u16(), v["error_type"].as_str()), (400, Some("proxy_target_invalid")));
+    // The proxy never reaches the platform API, whatever Host the caller claims.
+    for (host, target) in [("x.example", "http://x.example/v1/requests"), ("127.0.0.1", "http://127.0.0.1/v1/keys")] {
+        let (s, _, v) = t.call("GET", "/api/fal/proxy", &[("host", host), ("x-fal-target-url", target)], "").await;
+        assert_eq!((s.as_u16(), v["error_type"].as_str()), (400, Some("proxy_target_invalid")), "{target}");
+    }
+    // Dot segments are resolved inside the fal host's own API: an unknown app there, never /v1.
+    let (s, _, v) = t.call("GET", "/api/fal/proxy", &[("x-fal-target-url", "https://fal.run/../v1/keys")], "").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (404, Some("app_not_found")));
 }
 
 #[tokio::test]

@@ -134,6 +134,8 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
                 tracing::info!(%runner_id, app = %cfg.app_id, capacity, "runner connected");
                 heartbeat_ms
             }
+            // Refused at hello (wrong app, old protocol): retrying would only be refused again.
+            GatewayFrame::Shutdown { reason } => return Err(Refused(reason).into()),
             other => bail!("expected welcome, got {other:?}"),
         },
         other => bail!("expected welcome, got {other:?}"),
@@ -175,8 +177,10 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
                 }
             }
             Some(frame) = out_rx.recv() => {
-                if let RunnerFrame::Complete { job_id, .. } = &frame {
-                    jobs.remove(job_id);
+                if let RunnerFrame::Complete { job_id, token, .. } = &frame {
+                    if jobs.get(job_id).is_some_and(|r| r.token == *token) {
+                        jobs.remove(job_id);
+                    }
                 }
                 if let Err(e) = sink.send(Message::text(serde_json::to_string(&frame)?)).await {
                     break Err(e.into());
@@ -233,7 +237,14 @@ async fn execute(
         })
     };
     let started = std::time::Instant::now();
-    let res = model.run(input, ctx).await;
+    // A panicking model fails its request (500) instead of leaving it running.
+    let res = match tokio::spawn(async move { model.run(input, ctx).await }).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(request_id = %job_id, error = %e, "model panicked");
+            Err(ModelError::App { status: 500, body: json!({"detail": "Internal error in the model"}) })
+        }
+    };
     let inference_ms = Some(started.elapsed().as_millis() as i64);
     // Every event the model sent goes out before the completion.
     let _ = fwd.await;

@@ -160,7 +160,11 @@ pub async fn leases_extend_and_expire(s: &dyn Store) {
     s.enqueue(&NewJob { max_attempts: 1, ..job("b", "app") }).await.unwrap();
     s.claim("a", "r1", 10_000, 2_000).await.unwrap().unwrap();
     s.claim("b", "r1", 10_000, 2_000).await.unwrap().unwrap();
-    assert_eq!(s.extend_leases("r1", 20_000).await.unwrap(), 2);
+    let both = vec!["a".to_string(), "b".to_string()];
+    assert_eq!(s.extend_leases("r2", &both, 20_000).await.unwrap(), 0, "only the holder extends");
+    assert_eq!(s.extend_leases("r1", &["a".to_string()], 12_000).await.unwrap(), 1, "only the listed jobs");
+    assert_eq!(s.get_job("b").await.unwrap().unwrap().lease_expires_at, Some(10_000));
+    assert_eq!(s.extend_leases("r1", &both, 20_000).await.unwrap(), 2);
     assert!(s.expire_leases(15_000).await.unwrap().is_empty());
     let mut expired = s.expire_leases(25_000).await.unwrap();
     expired.sort();
@@ -181,6 +185,14 @@ pub async fn start_deadlines_expire_queued_jobs(s: &dyn Store) {
     assert_eq!(late.result_status, Some(504));
     assert_eq!(s.get_job("started").await.unwrap().unwrap().state, JobState::Running, "the deadline is time-to-start");
     assert_eq!(s.get_job("early").await.unwrap().unwrap().state, JobState::Queued);
+    // Once started, the deadline is met: a retry is not failed by it.
+    assert_eq!(s.fail_attempt("started", 1, &err_outcome(), 7_000).await.unwrap(), AttemptResult::Requeued);
+    assert!(s.expire_start_deadlines(8_000).await.unwrap().is_empty());
+    assert_eq!(s.get_job("started").await.unwrap().unwrap().state, JobState::Queued);
+    // Retries can be switched off while running.
+    s.claim("started", "r1", 100_000, 9_000).await.unwrap().unwrap();
+    s.disable_retries("started").await.unwrap();
+    assert_eq!(s.fail_attempt("started", 2, &err_outcome(), 9_500).await.unwrap(), AttemptResult::Completed);
 }
 
 pub async fn logs_belong_to_the_current_attempt(s: &dyn Store) {
@@ -332,13 +344,26 @@ pub async fn webhook_deliveries_are_leased_retried_and_dead_lettered(s: &dyn Sto
     assert_eq!(attempts.iter().map(|a| a.status).collect::<Vec<_>>(), [Some(500), None]);
     assert_eq!(s.next_webhook_due().await.unwrap(), None);
     assert!(s.redeliver_webhook(&id, 60).await.unwrap());
-    assert!(!s.redeliver_webhook("missing", 60).await.unwrap());
-    let again = s.claim_due_webhooks(60, 1_000, 10).await.unwrap();
-    assert_eq!((again[0].round_start, again[0].attempts), (2, 2));
-    let ok = WebhookAttempt { attempt: 3, started_at: 60, duration_ms: 1, status: Some(204), error: None };
-    s.record_webhook_attempt(&id, &ok, DeliveryNext::Delivered, 61).await.unwrap();
+    s.claim_due_webhooks(60, 1_000, 10).await.unwrap();
+    assert!(!s.redeliver_webhook(&id, 61).await.unwrap(), "not while an attempt holds the lease");
+    s.record_webhook_attempt(
+        &id,
+        &WebhookAttempt { attempt: 3, started_at: 60, duration_ms: 1, status: Some(500), error: None },
+        DeliveryNext::Dead,
+        61,
+    )
+    .await
+    .unwrap();
+    assert!(s.redeliver_webhook(&id, 62).await.unwrap());
     let (d, _) = s.get_webhook(&id).await.unwrap().unwrap();
-    assert_eq!((d.state.as_str(), d.delivered_at), ("delivered", Some(61)));
+    assert_eq!(d.attempts, 3);
+    assert!(!s.redeliver_webhook("missing", 60).await.unwrap());
+    let again = s.claim_due_webhooks(62, 1_000, 10).await.unwrap();
+    assert_eq!((again[0].round_start, again[0].attempts), (3, 3));
+    let ok = WebhookAttempt { attempt: 4, started_at: 62, duration_ms: 1, status: Some(204), error: None };
+    s.record_webhook_attempt(&id, &ok, DeliveryNext::Delivered, 63).await.unwrap();
+    let (d, _) = s.get_webhook(&id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.delivered_at), ("delivered", Some(63)));
     let mine = s
         .list_webhooks(&WebhookFilter {
             job_id: Some("j".into()),

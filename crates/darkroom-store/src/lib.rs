@@ -208,8 +208,9 @@ pub trait Store: Send + Sync + 'static {
         lease_until: Millis,
         now: Millis,
     ) -> StoreResult<Option<JobRecord>>;
-    /// Extends the leases of every job the runner holds.
-    async fn extend_leases(&self, runner_id: &str, lease_until: Millis) -> StoreResult<u64>;
+    /// Extends the leases of the listed jobs the runner holds (the ones it reports running; a job it no longer
+    /// reports lets its lease run out).
+    async fn extend_leases(&self, runner_id: &str, job_ids: &[String], lease_until: Millis) -> StoreResult<u64>;
     /// Completes the current attempt. Refused (Stale) unless the job is running with this token.
     async fn complete(&self, job_id: &str, token: i64, outcome: &Outcome, now: Millis) -> StoreResult<CompleteResult>;
     /// Ends a failed attempt: requeue while attempts remain and retries are allowed, else complete with `outcome`.
@@ -243,7 +244,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<WebhookDelivery>>;
     /// The earliest time a pending delivery can be claimed (due, and not leased).
     async fn next_webhook_due(&self) -> StoreResult<Option<Millis>>;
-    /// Records an attempt and what follows it.
+    /// Records an attempt and what follows it (only while the delivery is leased to the attempt).
     async fn record_webhook_attempt(
         &self,
         id: &str,
@@ -253,8 +254,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     async fn list_webhooks(&self, filter: &WebhookFilter) -> StoreResult<Vec<WebhookDelivery>>;
     async fn get_webhook(&self, id: &str) -> StoreResult<Option<(WebhookDelivery, Vec<WebhookAttempt>)>>;
-    /// Starts a new round of the schedule now, whatever the delivery's state. False if unknown.
+    /// Starts a new round of the schedule now, whatever the delivery's state. False if unknown, or while an attempt
+    /// holds its lease.
     async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool>;
+    /// No more retries for this job (a stream that has sent output must not replay it).
+    async fn disable_retries(&self, job_id: &str) -> StoreResult<()>;
     async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
     /// Adds a signing key; with `retire_others`, every other active key is retired at `now`.
     async fn insert_signing_key(&self, key: &SigningKeyRecord, retire_others: bool) -> StoreResult<()>;

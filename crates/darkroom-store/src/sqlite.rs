@@ -478,7 +478,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
-             started_at = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
+             started_at = ?, start_deadline = NULL WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
         )))
         .bind(runner_id)
         .bind(lease_until)
@@ -491,14 +491,22 @@ impl Store for SqliteStore {
         Ok(rec)
     }
 
-    async fn extend_leases(&self, runner_id: &str, lease_until: Millis) -> StoreResult<u64> {
+    async fn extend_leases(&self, runner_id: &str, job_ids: &[String], lease_until: Millis) -> StoreResult<u64> {
+        if job_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(job_ids).expect("strings serialise");
         let mut tx = self.begin().await?;
-        let n = sqlx::query("UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_runner = ?")
-            .bind(lease_until)
-            .bind(runner_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_runner = ? \
+             AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(lease_until)
+        .bind(runner_id)
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(n)
     }
@@ -733,7 +741,8 @@ impl Store for SqliteStore {
         };
         sqlx::query(
             "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?, lease_until = NULL, \
-             last_status = ?, last_error = ?, delivered_at = coalesce(?, delivered_at) WHERE id = ?",
+             last_status = ?, last_error = ?, delivered_at = coalesce(?, delivered_at) \
+             WHERE id = ? AND lease_until IS NOT NULL",
         )
         .bind(state)
         .bind(next_at)
@@ -791,8 +800,8 @@ impl Store for SqliteStore {
     async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let n = sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'pending', round_start = attempts, next_attempt_at = ?, lease_until = NULL \
-             WHERE id = ?",
+            "UPDATE webhook_deliveries SET state = 'pending', round_start = attempts, next_attempt_at = ?1, lease_until = NULL \
+             WHERE id = ?2 AND (lease_until IS NULL OR lease_until < ?1)",
         )
         .bind(now)
         .bind(id)
@@ -832,6 +841,13 @@ impl Store for SqliteStore {
             .bind(k.retired_at)
             .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn disable_retries(&self, job_id: &str) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE jobs SET no_retry = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -185,6 +185,16 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         write_private(&admin_path, &credential)?;
     }
 
+    if let Some(k) = &a.proxy_key {
+        if !gw.key_is_valid(k).await {
+            bail!("--proxy-key is not a valid, active key");
+        }
+        let id = k.split(':').next().unwrap_or("");
+        if store.get_key(id).await?.is_some_and(|r| r.scope != "client") {
+            bail!("--proxy-key must be a client-scoped key: browsers use it without holding it");
+        }
+    }
+
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let addr = listener.local_addr()?;
     let scheme = if a.tls { "https" } else { "http" };

@@ -122,4 +122,10 @@ async fn no_auth_serves_without_keys_on_loopback() {
     s.wait_runners(1).await;
     let r = s.http.post(format!("{}/run/{APP}", s.url)).json(&json!({"echo": "open"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // A web page (or a DNS-rebound name) cannot use the open server: only loopback host names, and no CORS.
+    let r = s.http.get(format!("{}/v1/keys", s.url)).header("host", "attacker.example").send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = s.http.get(format!("{}/v1/apps", s.url)).header("origin", "https://attacker.example").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
 }
