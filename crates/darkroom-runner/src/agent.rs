@@ -177,11 +177,10 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
                 }
             }
             Some(frame) = out_rx.recv() => {
-                if let RunnerFrame::Complete { job_id, token, .. } = &frame {
-                    if jobs.get(job_id).is_some_and(|r| r.token == *token) {
+                if let RunnerFrame::Complete { job_id, token, .. } = &frame
+                    && jobs.get(job_id).is_some_and(|r| r.token == *token) {
                         jobs.remove(job_id);
                     }
-                }
                 if let Err(e) = sink.send(Message::text(serde_json::to_string(&frame)?)).await {
                     break Err(e.into());
                 }

@@ -129,3 +129,27 @@ async fn no_auth_serves_without_keys_on_loopback() {
     assert_eq!(r.status(), 200);
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_given_certificate_files() {
+    // Make a CA and certificate with one server, then serve them as given files from another data folder.
+    let first = tempfile::tempdir().unwrap();
+    drop(Server::start(first.path(), &["--tls"]));
+    let tls = first.path().join("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let cert = tls.join("server.pem");
+    let key = tls.join("server-key.pem");
+    let s = Server::start(
+        dir.path(),
+        &["--tls", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--no-local-runners"],
+    );
+    assert!(s.url.starts_with("https://"));
+    assert!(!dir.path().join("tls").exists(), "no local CA is made when files are given");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_merge([reqwest::Certificate::from_pem(&std::fs::read(tls.join("ca.pem")).unwrap()).unwrap()])
+        .build()
+        .unwrap();
+    let v: Value = http.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+}
