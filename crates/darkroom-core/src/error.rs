@@ -64,6 +64,10 @@ catalog! {
     RunnerTokenInvalid = (401, "runner_token_invalid"),
     /// The proxy target URL is missing or not a fal or Darkroom URL.
     ProxyTargetInvalid = (400, "proxy_target_invalid"),
+    /// The app's queue is at its limit (`fal_max_queue_length` or the server's); retry after `Retry-After`.
+    QueueFull = (429, "queue_full"),
+    /// This `Idempotency-Key` was already used, within its window, for a different request.
+    IdempotencyKeyReused = (422, "idempotency_key_reused"),
     /// The operation conflicts with the current state.
     Conflict = (409, "conflict"),
     /// The server is shutting down or cannot serve right now; retry after `Retry-After`.

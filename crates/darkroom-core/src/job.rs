@@ -114,6 +114,17 @@ pub fn parse_flag(v: &str) -> bool {
     matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
+/// A fingerprint of what a request asks for, to tell a replayed `Idempotency-Key` from a reused one.
+pub fn input_fingerprint(app_id: &str, path: &str, input: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for part in [app_id, path, input] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob {

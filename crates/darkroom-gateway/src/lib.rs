@@ -47,6 +47,10 @@ pub struct GatewayConfig {
     pub lease_ms: i64,
     /// How many sync or stream requests per key may wait at interactive priority.
     pub interactive_cap: i64,
+    /// Queued requests per app beyond which submits get 429 (`fal_max_queue_length` may ask for less).
+    pub max_queue_length: i64,
+    /// How long an `Idempotency-Key` keeps returning its first request.
+    pub idempotency_window: Duration,
     /// Largest request body accepted.
     pub body_limit: usize,
     /// The keyed-hash secret for API keys and runner tokens.
@@ -90,6 +94,8 @@ impl Default for GatewayConfig {
             max_attempts: 10,
             lease_ms: 30_000,
             interactive_cap: 8,
+            max_queue_length: 100_000,
+            idempotency_window: Duration::from_secs(24 * 3600),
             body_limit: 32 * 1024 * 1024,
             server_secret: vec![],
             proxy_key: None,

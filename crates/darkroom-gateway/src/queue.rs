@@ -161,8 +161,49 @@ pub async fn enqueue_request_with(
         boot_id: gw.boot_id.clone(),
         created_at: now,
     };
+    // Backpressure: the app's queue length, as fal's `fal_max_queue_length` or the server's limit.
+    let limit = match query_param(query, "fal_max_queue_length") {
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= 0 => n.min(gw.cfg.max_queue_length),
+            _ => return Err(err(ErrorType::InvalidRequest, "fal_max_queue_length must be a non-negative integer")),
+        },
+        None => gw.cfg.max_queue_length,
+    };
+    if gw.store.count_queued(&job.app_id).await? >= limit {
+        let mut e = darkroom_core::ApiError::new(
+            ErrorType::QueueFull,
+            format!("The queue of {} is full ({limit} requests)", job.app_id),
+        );
+        e.retry_after = Some(1);
+        return Err(ApiErr(e));
+    }
+    let idempotency_key = match (mode, header(headers, "idempotency-key")?) {
+        (JobMode::Queue, Some(k)) if !k.is_empty() && k.len() <= 255 => Some(k.to_string()),
+        (JobMode::Queue, Some(_)) => {
+            return Err(err(ErrorType::InvalidRequest, "Idempotency-Key must be 1 to 255 characters"));
+        }
+        _ => None,
+    };
     before_enqueue(&job.id);
-    let rec = gw.store.enqueue(&job).await?;
+    let rec = match idempotency_key {
+        None => gw.store.enqueue(&job).await?,
+        Some(k) => {
+            let fp = darkroom_core::job::input_fingerprint(&job.app_id, &job.path, &job.input);
+            let not_before = now - gw.cfg.idempotency_window.as_millis() as i64;
+            match gw.store.enqueue_idempotent(&job, &k, &fp, not_before).await {
+                Ok((rec, true)) => rec,
+                // The same request again: answer with the first one, enqueue nothing.
+                Ok((rec, false)) => return Ok((compiled, rec)),
+                Err(darkroom_store::StoreError::IdempotencyMismatch(first)) => {
+                    return Err(err(
+                        ErrorType::IdempotencyKeyReused,
+                        format!("Idempotency-Key was already used for a different request ({first})"),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
     tracing::info!(request_id = %rec.id, app = %rec.app_id, mode = mode.as_str(), owner = %rec.owner_id, priority = rec.priority, "request accepted");
     metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str())
         .increment(1);

@@ -207,3 +207,36 @@ async fn public_url_sets_the_absolute_urls() {
     let id = v["request_id"].as_str().unwrap();
     assert_eq!(v["response_url"], format!("https://darkroom.example.com/api/queue/{APP}/requests/{id}"));
 }
+
+#[tokio::test]
+async fn queue_limits_answer_429_with_retry_after() {
+    let t = gateway().await;
+    let (s, _, _) = t.call("POST", &format!("/queue/{APP}?fal_max_queue_length=1"), &[], "{}").await;
+    assert_eq!(s, 200);
+    let (s, h, v) = t.call("POST", &format!("/queue/{APP}?fal_max_queue_length=1"), &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (429, Some("queue_full")));
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(h["x-fal-error-type"], "queue_full");
+    let (s, _, _) = t.call("POST", &format!("/queue/{APP}?fal_max_queue_length=5"), &[], "{}").await;
+    assert_eq!(s, 200, "another request may allow a longer queue");
+    let (s, _, v) = t.call("POST", &format!("/queue/{APP}?fal_max_queue_length=-3"), &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (400, Some("invalid_request")));
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_request() {
+    let t = gateway().await;
+    let key = [("idempotency-key", "order-42")];
+    let (s1, _, a) = t.call("POST", &format!("/queue/{APP}"), &key, r#"{"echo": 1}"#).await;
+    let (s2, h2, b) = t.call("POST", &format!("/queue/{APP}"), &key, r#"{"echo": 1}"#).await;
+    assert_eq!((s1.as_u16(), s2.as_u16()), (200, 200));
+    assert_eq!(a["request_id"], b["request_id"], "a client retry gets the first request back");
+    assert_eq!(h2["x-fal-request-id"], a["request_id"].as_str().unwrap());
+    let (_, _, list) = t.call("GET", "/v1/requests", &[], "").await;
+    assert_eq!(list["requests"].as_array().unwrap().len(), 1, "enqueued once");
+    let (s, _, v) = t.call("POST", &format!("/queue/{APP}"), &key, r#"{"echo": 2}"#).await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (422, Some("idempotency_key_reused")));
+    let (_, _, c) =
+        t.call("POST", &format!("/queue/{APP}"), &[("idempotency-key", "order-43")], r#"{"echo": 1}"#).await;
+    assert_ne!(c["request_id"], a["request_id"]);
+}

@@ -393,6 +393,26 @@ pub async fn signing_keys_rotate(s: &dyn Store) {
     assert_eq!(keys.iter().map(|k| (k.kid.as_str(), k.retired_at)).collect::<Vec<_>>(), [("a", Some(5)), ("b", None)]);
 }
 
+pub async fn idempotency_keys_return_the_first_request(s: &dyn Store) {
+    let (a, created) = s.enqueue_idempotent(&job("a", "app"), "k1", "h1", 0).await.unwrap();
+    assert!(created);
+    let (again, created) = s.enqueue_idempotent(&job("b", "app"), "k1", "h1", 0).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, a.id, "the same request");
+    assert!(s.get_job("b").await.unwrap().is_none(), "nothing new enqueued");
+    assert!(matches!(
+        s.enqueue_idempotent(&job("c", "app"), "k1", "other", 0).await,
+        Err(StoreError::IdempotencyMismatch(_))
+    ));
+    // Keys belong to their owner, and expire with the window.
+    let (other, created) =
+        s.enqueue_idempotent(&NewJob { owner_id: "owner-b".into(), ..job("d", "app") }, "k1", "h1", 0).await.unwrap();
+    assert!(created && other.id == "d");
+    let (late, created) = s.enqueue_idempotent(&job("e", "app"), "k1", "h1", 2_000).await.unwrap();
+    assert!(created && late.id == "e", "outside the window a key starts a new request");
+    assert_eq!(s.count_queued("app").await.unwrap(), 3);
+}
+
 /// Many concurrent claimers: every job is claimed exactly once.
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
@@ -435,7 +455,7 @@ macro_rules! conformance_tests {
             start_deadlines_expire_queued_jobs, logs_belong_to_the_current_attempt,
             a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths,
             the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
-            a_new_boot_releases_webhook_leases, signing_keys_rotate);
+            a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -28,6 +28,8 @@ pub enum StoreError {
     Duplicate(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("idempotency key reused with a different request (first used by {0})")]
+    IdempotencyMismatch(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -192,6 +194,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Durably enqueues a job. Fails with `Duplicate` if the id exists.
     async fn enqueue(&self, job: &NewJob) -> StoreResult<JobRecord>;
+    /// Enqueues unless the owner already used `key` since `not_before`: then the earlier job is returned
+    /// (`false`: not created). A key reused with another input hash is `Err(IdempotencyMismatch)`.
+    async fn enqueue_idempotent(
+        &self,
+        job: &NewJob,
+        key: &str,
+        input_hash: &str,
+        not_before: Millis,
+    ) -> StoreResult<(JobRecord, bool)>;
+    /// Queued jobs of an app (for queue-length limits).
+    async fn count_queued(&self, app_id: &str) -> StoreResult<i64>;
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>>;
     /// 0-based position among the app's queued jobs; None unless queued.
     async fn queue_position(&self, id: &str) -> StoreResult<Option<i64>>;

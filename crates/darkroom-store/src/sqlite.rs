@@ -210,6 +210,41 @@ async fn fail_rows_in(
     Ok(out)
 }
 
+async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<JobRecord> {
+    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
+         no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
+         created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+    )))
+    .bind(&j.id)
+    .bind(&j.app_id)
+    .bind(&j.path)
+    .bind(&j.owner_id)
+    .bind(&j.key_id)
+    .bind(j.mode.as_str())
+    .bind(j.priority)
+    .bind(&j.input)
+    .bind(j.max_attempts)
+    .bind(j.no_retry)
+    .bind(j.start_deadline)
+    .bind(&j.runner_hint)
+    .bind(&j.webhook_url)
+    .bind(&j.webhook_dialect)
+    .bind(&j.traceparent)
+    .bind(j.store_io)
+    .bind(&j.boot_id)
+    .bind(j.created_at)
+    .fetch_one(&mut *tx)
+    .await;
+    let row = match res {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(StoreError::Duplicate(j.id.clone()));
+        }
+        r => r?,
+    };
+    job_from_row(&row)
+}
+
 fn runner_lost() -> Outcome {
     Outcome::platform(&ApiError::new(ErrorType::RunnerDisconnected, "The runner serving this request was lost"))
 }
@@ -392,40 +427,69 @@ impl Store for SqliteStore {
 
     async fn enqueue(&self, j: &NewJob) -> StoreResult<JobRecord> {
         let mut tx = self.begin().await?;
-        let res = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
-             no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
-             created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
-        )))
-        .bind(&j.id)
-        .bind(&j.app_id)
-        .bind(&j.path)
-        .bind(&j.owner_id)
-        .bind(&j.key_id)
-        .bind(j.mode.as_str())
-        .bind(j.priority)
-        .bind(&j.input)
-        .bind(j.max_attempts)
-        .bind(j.no_retry)
-        .bind(j.start_deadline)
-        .bind(&j.runner_hint)
-        .bind(&j.webhook_url)
-        .bind(&j.webhook_dialect)
-        .bind(&j.traceparent)
-        .bind(j.store_io)
-        .bind(&j.boot_id)
-        .bind(j.created_at)
-        .fetch_one(&mut *tx)
-        .await;
-        let row = match res {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(StoreError::Duplicate(j.id.clone()));
-            }
-            r => r?,
-        };
-        let rec = job_from_row(&row)?;
+        let rec = insert_job_in(&mut tx, j).await?;
         tx.commit().await?;
         Ok(rec)
+    }
+
+    async fn enqueue_idempotent(
+        &self,
+        j: &NewJob,
+        key: &str,
+        input_hash: &str,
+        not_before: Millis,
+    ) -> StoreResult<(JobRecord, bool)> {
+        let mut tx = self.begin().await?;
+        let row =
+            sqlx::query("SELECT job_id, input_hash, created_at FROM idempotency_keys WHERE owner_id = ? AND key = ?")
+                .bind(&j.owner_id)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(row) = row {
+            let created: Millis = row.try_get("created_at")?;
+            let job_id: String = row.try_get("job_id")?;
+            if created >= not_before {
+                if row.try_get::<String, _>("input_hash")? != input_hash {
+                    return Err(StoreError::IdempotencyMismatch(job_id));
+                }
+                let existing = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
+                    .bind(&job_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(r) = existing {
+                    let rec = job_from_row(&r)?;
+                    tx.commit().await?;
+                    return Ok((rec, false));
+                }
+            }
+            sqlx::query("DELETE FROM idempotency_keys WHERE owner_id = ? AND key = ?")
+                .bind(&j.owner_id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let rec = insert_job_in(&mut tx, j).await?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (owner_id, key, job_id, input_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&j.owner_id)
+        .bind(key)
+        .bind(&j.id)
+        .bind(input_hash)
+        .bind(j.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((rec, true))
+    }
+
+    async fn count_queued(&self, app_id: &str) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND app_id = ?")
+            .bind(app_id)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get("n")?)
     }
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {

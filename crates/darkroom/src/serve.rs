@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// Runner lease length in milliseconds; runners heartbeat at a third of it.
     #[arg(long, env = "DARKROOM_LEASE_MS", default_value_t = 30_000)]
     pub lease_ms: i64,
+    /// Queued requests per app beyond which submits are refused with 429 and Retry-After (a request's
+    /// `fal_max_queue_length` may ask for less).
+    #[arg(long, env = "DARKROOM_MAX_QUEUE_LENGTH", default_value_t = 100_000)]
+    pub max_queue_length: i64,
+    /// Seconds an `Idempotency-Key` on submit keeps returning its first request.
+    #[arg(long, env = "DARKROOM_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
+    pub idempotency_window_secs: u64,
     /// Largest request body, in bytes.
     #[arg(long, env = "DARKROOM_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
     pub body_limit: usize,
@@ -153,6 +160,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         max_attempts: a.max_attempts.max(1),
         lease_ms: a.lease_ms.max(300),
         body_limit: a.body_limit,
+        max_queue_length: a.max_queue_length.max(0),
+        idempotency_window: std::time::Duration::from_secs(a.idempotency_window_secs),
         server_secret: secret,
         proxy_key: a.proxy_key.clone(),
         webhook_schedule: darkroom_core::webhook::Schedule::parse(&a.webhook_schedule)
