@@ -50,6 +50,8 @@ catalog! {
     PayloadTooLarge = (413, "payload_too_large"),
     /// The result was asked for before the request completed.
     RequestNotCompleted = (400, "request_not_completed"),
+    /// The request's input, result and logs were deleted (by its owner, or by retention).
+    RequestPayloadDeleted = (410, "request_payload_deleted"),
     /// The request was cancelled by its owner or because its client went away.
     RequestCancelled = (499, "request_cancelled"),
     /// The request did not start before its `X-Fal-Request-Timeout` deadline.

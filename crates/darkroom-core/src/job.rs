@@ -184,6 +184,8 @@ pub struct JobRecord {
     pub error: Option<String>,
     pub error_type: Option<String>,
     pub inference_ms: Option<i64>,
+    /// When the input, result and logs were deleted (by their owner or by retention).
+    pub payload_deleted_at: Option<Millis>,
 }
 
 impl JobRecord {

@@ -24,6 +24,7 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/v1/runner-tokens", post(create_runner_token))
         .route("/v1/runners", get(list_runners))
         .route("/v1/requests", get(list_requests))
+        .route("/v1/requests/{id}", get(show_request).delete(delete_request))
         .route("/v1/apps", get(list_apps))
 }
 
@@ -173,4 +174,60 @@ async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
         .collect();
     apps.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Ok(Json(json!({"apps": apps})))
+}
+
+async fn visible_request(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<darkroom_core::job::JobRecord> {
+    let caller = gw.authenticate(headers).await?;
+    let Path(id) = id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
+    let id = darkroom_core::ids::parse_request_id(&id).map_err(ApiErr)?;
+    match gw.store.get_job(&id).await? {
+        Some(j) if caller.can_see(&j.owner_id) => Ok(j),
+        _ => Err(err(ErrorType::RequestNotFound, format!("Request '{id}' not found"))),
+    }
+}
+
+fn parse_json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or(Value::Null)
+}
+
+/// `GET /v1/requests/{id}`: metadata, input, result and logs (while kept).
+async fn show_request(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let j = visible_request(&gw, &headers, id).await?;
+    let mut v = crate::queue::summary(&j);
+    v["input"] = parse_json(&j.input);
+    v["result"] = j.result_body.as_deref().map(parse_json).unwrap_or(Value::Null);
+    v["result_status"] = json!(j.result_status);
+    v["error"] = json!(j.error);
+    v["payload_deleted_at"] = json!(j.payload_deleted_at.map(darkroom_core::iso8601));
+    let logs = gw.store.get_logs(&j.id).await?;
+    v["logs"] =
+        json!(logs
+        .iter()
+        .map(|l| json!({"message": l.message, "level": l.level, "timestamp": darkroom_core::iso8601(l.timestamp)}))
+        .collect::<Vec<_>>());
+    Ok(Json(v))
+}
+
+/// `DELETE /v1/requests/{id}`: deletes a completed request's input, result and logs.
+async fn delete_request(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let j = visible_request(&gw, &headers, id).await?;
+    match gw.store.delete_payload(&j.id, gw.now()).await? {
+        darkroom_store::DeleteResult::Deleted => Ok(Json(json!({"request_id": j.id, "deleted": true}))),
+        darkroom_store::DeleteResult::NotCompleted => {
+            Err(err(ErrorType::Conflict, "Only completed requests can be deleted; cancel it first"))
+        }
+        darkroom_store::DeleteResult::NotFound => Err(err(ErrorType::RequestNotFound, "Request not found")),
+    }
 }

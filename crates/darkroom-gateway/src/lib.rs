@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub max_queue_length: i64,
     /// How long an `Idempotency-Key` keeps returning its first request.
     pub idempotency_window: Duration,
+    /// How long results, inputs and logs of completed requests are kept (None: forever).
+    pub retention: Option<Duration>,
     /// Largest request body accepted.
     pub body_limit: usize,
     /// The keyed-hash secret for API keys and runner tokens.
@@ -96,6 +98,7 @@ impl Default for GatewayConfig {
             interactive_cap: 8,
             max_queue_length: 100_000,
             idempotency_window: Duration::from_secs(24 * 3600),
+            retention: None,
             body_limit: 32 * 1024 * 1024,
             server_secret: vec![],
             proxy_key: None,
@@ -316,6 +319,7 @@ impl Gateway {
     /// Background work: lease expiry, start deadlines, gauges. Runs until shutdown.
     pub async fn run_sweeper(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_purge = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -340,6 +344,16 @@ impl Gateway {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "deadline expiry failed"),
+            }
+            if let Some(keep) = self.cfg.retention
+                && now - last_purge >= 60_000
+            {
+                last_purge = now;
+                match self.store.purge_payloads(now - keep.as_millis() as i64, now, 1_000).await {
+                    Ok(ids) if !ids.is_empty() => tracing::info!(count = ids.len(), "retention: payloads deleted"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                }
             }
             if let Ok(depths) = self.store.app_depths().await {
                 metrics::set_depths(&self.apps, &depths);

@@ -362,6 +362,12 @@ pub fn result_response(job: &JobRecord) -> Response {
         r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
         return r;
     }
+    if job.payload_deleted_at.is_some() {
+        let mut r = ApiErr(ApiError::new(ErrorType::RequestPayloadDeleted, "The result of this request was deleted"))
+            .into_response();
+        r.headers_mut().insert("x-fal-request-id", request_id_header(&job.id));
+        return r;
+    }
     let status =
         StatusCode::from_u16(job.result_status.unwrap_or(500) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = job.result_body.clone().unwrap_or_else(|| "null".into());

@@ -240,3 +240,33 @@ async fn idempotency_key_returns_the_same_request() {
         t.call("POST", &format!("/queue/{APP}"), &[("idempotency-key", "order-43")], r#"{"echo": 1}"#).await;
     assert_ne!(c["request_id"], a["request_id"]);
 }
+
+#[tokio::test]
+async fn retention_deletes_old_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("db"), Durability::Normal).await.unwrap());
+    let cfg = GatewayConfig {
+        server_secret: b"0123456789abcdef0123456789abcdef".to_vec(),
+        retention: Some(std::time::Duration::from_millis(1)),
+        ..Default::default()
+    };
+    let gw = Gateway::new(cfg, store, Arc::new(SystemClock), darkroom_models::builtin_specs()).await.unwrap();
+    let (_, key) = gw.create_key("o", Scope::Client, "t").await.unwrap();
+    let t = T { gw: gw.clone(), key: format!("Key {key}"), _dir: dir };
+    let (_, _, v) = t.call("POST", &format!("/queue/{APP}"), &[], r#"{"echo": "old"}"#).await;
+    let id = v["request_id"].as_str().unwrap().to_string();
+    t.call("PUT", &format!("/queue/{APP}/requests/{id}/cancel"), &[], "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    tokio::spawn(gw.clone().run_sweeper());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (s, _, v) = t.call("GET", &format!("/queue/{APP}/requests/{id}"), &[], "").await;
+        if s == 410 {
+            assert_eq!(v["error_type"], "request_payload_deleted");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "retention never ran: {s} {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    gw.shutdown.cancel();
+}

@@ -413,6 +413,29 @@ pub async fn idempotency_keys_return_the_first_request(s: &dyn Store) {
     assert_eq!(s.count_queued("app").await.unwrap(), 3);
 }
 
+pub async fn payloads_are_deleted_on_request_and_by_retention(s: &dyn Store) {
+    let line = LogEntry { timestamp: 1, level: "INFO".into(), message: "secret prompt".into() };
+    for (id, done_at) in [("old", 100), ("new", 5_000)] {
+        s.enqueue(&NewJob { input: r#"{"prompt":"secret"}"#.into(), ..job(id, "app") }).await.unwrap();
+        s.claim(id, "r", 100_000, 10).await.unwrap().unwrap();
+        s.append_logs(id, 1, std::slice::from_ref(&line)).await.unwrap();
+        s.complete(id, 1, &ok_outcome(), done_at).await.unwrap();
+    }
+    s.enqueue(&job("running", "app")).await.unwrap();
+    s.claim("running", "r", 100_000, 10).await.unwrap().unwrap();
+    assert_eq!(s.delete_payload("running", 6_000).await.unwrap(), DeleteResult::NotCompleted);
+    assert_eq!(s.delete_payload("missing", 6_000).await.unwrap(), DeleteResult::NotFound);
+    assert_eq!(s.purge_payloads(1_000, 6_000, 100).await.unwrap(), vec!["old".to_string()]);
+    let old = s.get_job("old").await.unwrap().unwrap();
+    assert_eq!((old.input.as_str(), old.result_body.as_deref(), old.payload_deleted_at), ("null", None, Some(6_000)));
+    assert_eq!(old.state, JobState::Completed, "metadata stays");
+    assert!(s.get_logs("old").await.unwrap().is_empty());
+    assert_eq!(s.get_logs("new").await.unwrap().len(), 1);
+    assert!(s.purge_payloads(1_000, 7_000, 100).await.unwrap().is_empty(), "once");
+    assert_eq!(s.delete_payload("new", 8_000).await.unwrap(), DeleteResult::Deleted);
+    assert!(s.get_job("new").await.unwrap().unwrap().result_body.is_none());
+}
+
 /// Many concurrent claimers: every job is claimed exactly once.
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
@@ -455,7 +478,8 @@ macro_rules! conformance_tests {
             start_deadlines_expire_queued_jobs, logs_belong_to_the_current_attempt,
             a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths,
             the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
-            a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request);
+            a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
+            payloads_are_deleted_on_request_and_by_retention);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -97,6 +97,15 @@ pub enum CancelResult {
     },
 }
 
+/// The result of deleting a request's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteResult {
+    NotFound,
+    /// Only completed requests can be deleted (cancel first).
+    NotCompleted,
+    Deleted,
+}
+
 /// Filter for listing jobs (newest first).
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
@@ -270,6 +279,10 @@ pub trait Store: Send + Sync + 'static {
     /// Starts a new round of the schedule now, whatever the delivery's state. False if unknown, or while an attempt
     /// holds its lease.
     async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool>;
+    /// Deletes a completed request's input, result and logs (its metadata stays).
+    async fn delete_payload(&self, job_id: &str, now: Millis) -> StoreResult<DeleteResult>;
+    /// Retention: deletes the payloads of up to `limit` requests completed before `completed_before`.
+    async fn purge_payloads(&self, completed_before: Millis, now: Millis, limit: i64) -> StoreResult<Vec<String>>;
     /// No more retries for this job (a stream that has sent output must not replay it).
     async fn disable_retries(&self, job_id: &str) -> StoreResult<()>;
     async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;

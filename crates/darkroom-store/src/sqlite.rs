@@ -38,7 +38,7 @@ impl std::fmt::Debug for SqliteStore {
 const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
     max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
     webhook_url, webhook_dialect, traceparent, store_io, boot_id, created_at, started_at, completed_at, result_status, result_body, error, \
-    error_type, inference_ms";
+    error_type, inference_ms, payload_deleted_at";
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
     let mode: String = r.try_get("mode")?;
@@ -75,6 +75,7 @@ fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
         error: r.try_get("error")?,
         error_type: r.try_get("error_type")?,
         inference_ms: r.try_get("inference_ms")?,
+        payload_deleted_at: r.try_get("payload_deleted_at")?,
     })
 }
 
@@ -243,6 +244,17 @@ async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<Job
         r => r?,
     };
     job_from_row(&row)
+}
+
+/// Deletes a completed job's input, result and logs; its metadata (state, times, status, error type) stays.
+async fn purge_in(c: &mut SqliteConnection, job_id: &str, now: Millis) -> StoreResult<()> {
+    sqlx::query("UPDATE jobs SET input = 'null', result_body = NULL, payload_deleted_at = ? WHERE id = ?")
+        .bind(now)
+        .bind(job_id)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query("DELETE FROM job_logs WHERE job_id = ?").bind(job_id).execute(&mut *c).await?;
+    Ok(())
 }
 
 fn runner_lost() -> Outcome {
@@ -914,5 +926,40 @@ impl Store for SqliteStore {
         sqlx::query("UPDATE jobs SET no_retry = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn delete_payload(&self, job_id: &str, now: Millis) -> StoreResult<DeleteResult> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT state FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
+        let res = match row {
+            None => DeleteResult::NotFound,
+            Some(r) if r.try_get::<String, _>("state")? != "completed" => DeleteResult::NotCompleted,
+            Some(_) => {
+                purge_in(&mut tx, job_id, now).await?;
+                DeleteResult::Deleted
+            }
+        };
+        tx.commit().await?;
+        Ok(res)
+    }
+
+    async fn purge_payloads(&self, completed_before: Millis, now: Millis, limit: i64) -> StoreResult<Vec<String>> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE state = 'completed' AND payload_deleted_at IS NULL AND completed_at < ? \
+             ORDER BY completed_at LIMIT ?",
+        )
+        .bind(completed_before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            purge_in(&mut tx, &id, now).await?;
+            out.push(id);
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 }

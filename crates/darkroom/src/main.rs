@@ -71,18 +71,12 @@ enum Command {
         #[command(subcommand)]
         command: RunnersCommand,
     },
-    /// List recent requests.
+    /// Request history: list, show, delete payloads.
     Requests {
         #[command(flatten)]
         data: DataDirArg,
-        /// Only this app.
-        #[arg(long)]
-        app: Option<String>,
-        /// Only IN_QUEUE, IN_PROGRESS or COMPLETED.
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: i64,
+        #[command(subcommand)]
+        command: RequestsCommand,
     },
     /// Webhook deliveries: the delivery log, manual redelivery, signing-key rotation.
     Webhooks {
@@ -168,6 +162,25 @@ enum WebhooksCommand {
 }
 
 #[derive(Subcommand)]
+enum RequestsCommand {
+    /// List recent requests, newest first.
+    Ls {
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only IN_QUEUE, IN_PROGRESS or COMPLETED.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Show one request: metadata, input, result and logs.
+    Show { request_id: String },
+    /// Delete a completed request's input, result and logs (its metadata stays).
+    Rm { request_id: String },
+}
+
+#[derive(Subcommand)]
 enum RunnersCommand {
     /// List connected runners.
     Ls,
@@ -221,33 +234,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Requests { data, app, status, limit } => {
-                let c = client::Client::admin(&data.data_dir)?;
-                let mut q = format!("/v1/requests?limit={limit}");
-                if let Some(a) = app {
-                    q.push_str(&format!(
-                        "&app_id={}",
-                        url::form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()
-                    ));
-                }
-                if let Some(s) = status {
-                    q.push_str(&format!("&status={s}"));
-                }
-                let v = c.get(&q).await?;
-                println!("{:<38} {:<24} {:<12} {:>3} {:<25} ERROR", "REQUEST", "APP", "STATUS", "TRY", "CREATED");
-                for r in v["requests"].as_array().cloned().unwrap_or_default() {
-                    println!(
-                        "{:<38} {:<24} {:<12} {:>3} {:<25} {}",
-                        r["request_id"].as_str().unwrap_or(""),
-                        r["app_id"].as_str().unwrap_or(""),
-                        r["status"].as_str().unwrap_or(""),
-                        r["attempts"],
-                        r["created_at"].as_str().unwrap_or(""),
-                        r["error_type"].as_str().unwrap_or("")
-                    );
-                }
-                Ok(())
-            }
+            Command::Requests { data, command } => requests_cmd(&data.data_dir, command).await,
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
@@ -342,6 +329,46 @@ async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Revoke { key_id } => {
             c.delete(&format!("/v1/keys/{key_id}")).await?;
             println!("revoked {key_id}");
+        }
+    }
+    Ok(())
+}
+
+async fn requests_cmd(dir: &Path, cmd: RequestsCommand) -> anyhow::Result<()> {
+    let c = client::Client::admin(dir)?;
+    match cmd {
+        RequestsCommand::Ls { app, status, limit } => {
+            let mut q = format!("/v1/requests?limit={limit}");
+            if let Some(a) = app {
+                q.push_str(&format!(
+                    "&app_id={}",
+                    url::form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()
+                ));
+            }
+            if let Some(s) = status {
+                q.push_str(&format!("&status={s}"));
+            }
+            let v = c.get(&q).await?;
+            println!("{:<38} {:<24} {:<12} {:>3} {:<25} ERROR", "REQUEST", "APP", "STATUS", "TRY", "CREATED");
+            for r in v["requests"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<38} {:<24} {:<12} {:>3} {:<25} {}",
+                    r["request_id"].as_str().unwrap_or(""),
+                    r["app_id"].as_str().unwrap_or(""),
+                    r["status"].as_str().unwrap_or(""),
+                    r["attempts"],
+                    r["created_at"].as_str().unwrap_or(""),
+                    r["error_type"].as_str().unwrap_or("")
+                );
+            }
+        }
+        RequestsCommand::Show { request_id } => {
+            let v = c.get(&format!("/v1/requests/{request_id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        RequestsCommand::Rm { request_id } => {
+            c.delete(&format!("/v1/requests/{request_id}")).await?;
+            println!("deleted the input, result and logs of {request_id}");
         }
     }
     Ok(())

@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// Seconds an `Idempotency-Key` on submit keeps returning its first request.
     #[arg(long, env = "DARKROOM_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
     pub idempotency_window_secs: u64,
+    /// Days the inputs, results and logs of completed requests are kept before they are deleted (0: forever).
+    #[arg(long, env = "DARKROOM_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u64,
     /// Largest request body, in bytes.
     #[arg(long, env = "DARKROOM_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
     pub body_limit: usize,
@@ -161,6 +164,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         lease_ms: a.lease_ms.max(300),
         body_limit: a.body_limit,
         max_queue_length: a.max_queue_length.max(0),
+        retention: (a.retention_days > 0).then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
         idempotency_window: std::time::Duration::from_secs(a.idempotency_window_secs),
         server_secret: secret,
         proxy_key: a.proxy_key.clone(),

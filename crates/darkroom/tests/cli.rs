@@ -153,3 +153,33 @@ async fn tls_with_given_certificate_files() {
     let v: Value = http.get(format!("{}/health", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["status"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_history_show_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    s.wait_runners(1).await;
+    let d = dir.path().to_str().unwrap();
+    let sub = s.submit(json!({"echo": "private words", "logs": ["thinking"]})).await;
+    let id = sub["request_id"].as_str().unwrap();
+    s.result(id).await;
+    let ls = String::from_utf8(darkroom(&["requests", "ls", "--data-dir", d]).stdout).unwrap();
+    assert!(ls.contains(id) && ls.contains("COMPLETED"), "{ls}");
+    let show = String::from_utf8(darkroom(&["requests", "show", "--data-dir", d, id]).stdout).unwrap();
+    assert!(show.contains("private words") && show.contains("thinking"), "{show}");
+    let out = darkroom(&["requests", "rm", "--data-dir", d, id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let show = String::from_utf8(darkroom(&["requests", "show", "--data-dir", d, id]).stdout).unwrap();
+    assert!(!show.contains("private words") && !show.contains("thinking"), "{show}");
+    let r = s.http.get(sub["response_url"].as_str().unwrap()).header("authorization", s.auth()).send().await.unwrap();
+    assert_eq!(r.status(), 410);
+    assert_eq!(r.json::<Value>().await.unwrap()["error_type"], "request_payload_deleted");
+    assert_eq!(s.status(id).await["status"], "COMPLETED", "the request's metadata stays");
+    // A request still running cannot be deleted.
+    let long = s.submit(json!({"sleep_ms": 30_000})).await;
+    let lid = long["request_id"].as_str().unwrap();
+    s.wait_status(lid, "IN_PROGRESS").await;
+    let r =
+        s.http.delete(format!("{}/v1/requests/{lid}", s.url)).header("authorization", s.auth()).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+}
