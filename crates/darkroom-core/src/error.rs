@@ -68,6 +68,10 @@ catalog! {
     ProxyTargetInvalid = (400, "proxy_target_invalid"),
     /// The app's queue is at its limit (`fal_max_queue_length` or the server's); retry after `Retry-After`.
     QueueFull = (429, "queue_full"),
+    /// The key has as many requests queued or running as it may; retry after `Retry-After`.
+    ConcurrencyLimit = (429, "concurrency_limit"),
+    /// The key sends requests faster than its rate limit; retry after `Retry-After`.
+    RateLimited = (429, "rate_limited"),
     /// This `Idempotency-Key` was already used, within its window, for a different request.
     IdempotencyKeyReused = (422, "idempotency_key_reused"),
     /// The operation conflicts with the current state.

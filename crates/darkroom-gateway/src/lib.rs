@@ -49,6 +49,10 @@ pub struct GatewayConfig {
     pub interactive_cap: i64,
     /// Queued requests per app beyond which submits get 429 (`fal_max_queue_length` may ask for less).
     pub max_queue_length: i64,
+    /// Requests one key may have queued or running at once (0: no limit).
+    pub max_concurrent_per_key: i64,
+    /// Submits, runs and streams per second per key, as a token bucket with a burst of the same size (0: no limit).
+    pub rate_limit_per_key: f64,
     /// How long an `Idempotency-Key` keeps returning its first request.
     pub idempotency_window: Duration,
     /// How long results, inputs and logs of completed requests are kept (None: forever).
@@ -98,6 +102,8 @@ impl Default for GatewayConfig {
             interactive_cap: 8,
             max_queue_length: 100_000,
             idempotency_window: Duration::from_secs(24 * 3600),
+            max_concurrent_per_key: 0,
+            rate_limit_per_key: 0.0,
             retention: None,
             body_limit: 32 * 1024 * 1024,
             server_secret: vec![],
@@ -132,6 +138,8 @@ pub struct Gateway {
     pub events: broadcast::Sender<String>,
     /// Partial outputs for open `/stream` requests.
     pub streams: Mutex<HashMap<String, mpsc::UnboundedSender<StreamMsg>>>,
+    /// Per-key token buckets: (tokens, last refill).
+    pub rate_buckets: Mutex<HashMap<String, (f64, std::time::Instant)>>,
     /// Latest progress report of running jobs.
     pub progress: Mutex<HashMap<String, Value>>,
     pub shutdown: CancellationToken,
@@ -178,6 +186,7 @@ impl Gateway {
             events: broadcast::channel(4096).0,
             streams: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
+            rate_buckets: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             webhook_kick: tokio::sync::Notify::new(),
             signing_keys: std::sync::RwLock::new(vec![]),
@@ -187,6 +196,30 @@ impl Gateway {
         webhooks::load_keys(&gw).await?;
         let _ = gw.router.set(http::router(gw.clone()));
         Ok(gw)
+    }
+
+    /// Takes a token from the key's bucket; on refusal, the seconds until one is available.
+    pub fn take_rate_token(&self, key_id: &str) -> Result<(), u64> {
+        let rate = self.cfg.rate_limit_per_key;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = rate.max(1.0);
+        let now = std::time::Instant::now();
+        let mut m = self.rate_buckets.lock().unwrap();
+        if m.len() > 100_000 {
+            // Full buckets carry no state worth keeping.
+            m.retain(|_, (t, at)| *t + at.elapsed().as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = m.entry(key_id.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
     }
 
     pub fn now(&self) -> Millis {

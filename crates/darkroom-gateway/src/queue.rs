@@ -161,6 +161,22 @@ pub async fn enqueue_request_with(
         boot_id: gw.boot_id.clone(),
         created_at: now,
     };
+    // Per-key limits: rate, then requests queued or running.
+    if let Err(wait) = gw.take_rate_token(&caller.key_id) {
+        let mut e = darkroom_core::ApiError::new(ErrorType::RateLimited, "Too many requests for this key; slow down");
+        e.retry_after = Some(wait);
+        return Err(ApiErr(e));
+    }
+    if gw.cfg.max_concurrent_per_key > 0
+        && gw.store.count_active_for_key(&caller.key_id).await? >= gw.cfg.max_concurrent_per_key
+    {
+        let mut e = darkroom_core::ApiError::new(
+            ErrorType::ConcurrencyLimit,
+            format!("This key already has {} requests queued or running", gw.cfg.max_concurrent_per_key),
+        );
+        e.retry_after = Some(1);
+        return Err(ApiErr(e));
+    }
     // Backpressure: the app's queue length, as fal's `fal_max_queue_length` or the server's limit.
     let limit = match query_param(query, "fal_max_queue_length") {
         Some(v) => match v.parse::<i64>() {

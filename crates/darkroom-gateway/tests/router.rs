@@ -270,3 +270,46 @@ async fn retention_deletes_old_payloads() {
     }
     gw.shutdown.cancel();
 }
+
+async fn gateway_with(cfg: GatewayConfig) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("db"), Durability::Normal).await.unwrap());
+    let cfg = GatewayConfig { server_secret: b"0123456789abcdef0123456789abcdef".to_vec(), ..cfg };
+    let gw = Gateway::new(cfg, store, Arc::new(SystemClock), darkroom_models::builtin_specs()).await.unwrap();
+    let (_, key) = gw.create_key("o", Scope::Client, "t").await.unwrap();
+    T { gw, key: format!("Key {key}"), _dir: dir }
+}
+
+#[tokio::test]
+async fn per_key_concurrency_and_rate_limits() {
+    let t = gateway_with(GatewayConfig { max_concurrent_per_key: 2, ..Default::default() }).await;
+    for _ in 0..2 {
+        assert_eq!(t.call("POST", &format!("/queue/{APP}"), &[], "{}").await.0, 200);
+    }
+    let (s, h, v) = t.call("POST", &format!("/queue/{APP}"), &[], "{}").await;
+    assert_eq!((s.as_u16(), v["error_type"].as_str()), (429, Some("concurrency_limit")));
+    assert!(h.contains_key("retry-after"));
+    // Another key of the same owner has its own allowance.
+    let (_, other) = t.gw.create_key("o", Scope::Client, "u").await.unwrap();
+    let other = T { gw: t.gw.clone(), key: format!("Key {other}"), _dir: tempfile::tempdir().unwrap() };
+    assert_eq!(other.call("POST", &format!("/queue/{APP}"), &[], "{}").await.0, 200);
+
+    let t = gateway_with(GatewayConfig { rate_limit_per_key: 3.0, ..Default::default() }).await;
+    let mut codes = Vec::new();
+    let mut retry = None;
+    for _ in 0..5 {
+        let (s, h, _) = t.call("POST", &format!("/queue/{APP}"), &[], "{}").await;
+        codes.push(s.as_u16());
+        if s == 429 {
+            retry = h.get("retry-after").cloned();
+        }
+    }
+    assert_eq!(codes, [200, 200, 200, 429, 429], "a burst of the rate, then 429");
+    assert_eq!(retry.unwrap(), "1");
+    // Status polls are not rate limited.
+    let (_, _, list) = t.call("GET", "/v1/requests", &[], "").await;
+    let id = list["requests"][0]["request_id"].as_str().unwrap().to_string();
+    for _ in 0..10 {
+        assert_eq!(t.call("GET", &format!("/queue/{APP}/requests/{id}/status"), &[], "").await.0, 202);
+    }
+}

@@ -285,6 +285,8 @@ pub async fn listing_and_depths(s: &dyn Store) {
     );
     assert_eq!(s.count_queued_for_key("key-a", priority::NORMAL).await.unwrap(), 2);
     assert_eq!(s.count_queued_for_key("key-a", priority::INTERACTIVE).await.unwrap(), 0);
+    assert_eq!(s.count_active_for_key("key-a").await.unwrap(), 3, "queued and running, whatever the owner");
+    assert_eq!(s.count_active_for_key("nobody").await.unwrap(), 0);
 }
 
 pub async fn the_webhook_outbox_is_written_with_the_completion(s: &dyn Store) {

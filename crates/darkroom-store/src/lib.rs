@@ -212,6 +212,8 @@ pub trait Store: Send + Sync + 'static {
         input_hash: &str,
         not_before: Millis,
     ) -> StoreResult<(JobRecord, bool)>;
+    /// Queued and running jobs of a key (for per-key concurrency limits).
+    async fn count_active_for_key(&self, key_id: &str) -> StoreResult<i64>;
     /// Queued jobs of an app (for queue-length limits).
     async fn count_queued(&self, app_id: &str) -> StoreResult<i64>;
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>>;

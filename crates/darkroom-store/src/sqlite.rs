@@ -496,6 +496,14 @@ impl Store for SqliteStore {
         Ok((rec, true))
     }
 
+    async fn count_active_for_key(&self, key_id: &str) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE key_id = ? AND state != 'completed'")
+            .bind(key_id)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     async fn count_queued(&self, app_id: &str) -> StoreResult<i64> {
         let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND app_id = ?")
             .bind(app_id)

@@ -49,6 +49,13 @@ pub struct ServeArgs {
     /// `fal_max_queue_length` may ask for less).
     #[arg(long, env = "DARKROOM_MAX_QUEUE_LENGTH", default_value_t = 100_000)]
     pub max_queue_length: i64,
+    /// Requests one API key may have queued or running at once; more get 429 (0: no limit).
+    #[arg(long, env = "DARKROOM_MAX_CONCURRENT_PER_KEY", default_value_t = 0)]
+    pub max_concurrent_per_key: i64,
+    /// Submits, runs and streams per second per API key (a token bucket with an equal burst); more get 429 with
+    /// Retry-After (0: no limit). Status polls are not counted.
+    #[arg(long, env = "DARKROOM_RATE_LIMIT_PER_KEY", default_value_t = 0.0)]
+    pub rate_limit_per_key: f64,
     /// Seconds an `Idempotency-Key` on submit keeps returning its first request.
     #[arg(long, env = "DARKROOM_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
     pub idempotency_window_secs: u64,
@@ -164,6 +171,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         lease_ms: a.lease_ms.max(300),
         body_limit: a.body_limit,
         max_queue_length: a.max_queue_length.max(0),
+        max_concurrent_per_key: a.max_concurrent_per_key.max(0),
+        rate_limit_per_key: a.rate_limit_per_key.max(0.0),
         retention: (a.retention_days > 0).then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
         idempotency_window: std::time::Duration::from_secs(a.idempotency_window_secs),
         server_secret: secret,
