@@ -44,6 +44,9 @@ struct CreateKey {
     scope: Option<String>,
     #[serde(default)]
     owner_id: Option<String>,
+    /// `fal` or `standard`: the webhook headers this key's requests get unless a request asks otherwise.
+    #[serde(default)]
+    webhook_dialect: Option<String>,
 }
 
 async fn create_key(
@@ -66,13 +69,27 @@ async fn create_key(
     if owner.is_empty() || owner.len() > 128 {
         return Err(err(ErrorType::ValidationError, "owner_id must be 1 to 128 characters"));
     }
-    let (rec, credential) = gw.create_key(&owner, scope, &req.name).await.map_err(|e| {
+    let dialect = match req.webhook_dialect.as_deref() {
+        None => None,
+        Some(d) => Some(
+            darkroom_core::webhook::Dialect::parse(d)
+                .ok_or_else(|| {
+                    ApiErr(darkroom_core::app::validation_error(vec![
+                        json!({"loc": ["body", "webhook_dialect"], "msg": "must be 'fal' or 'standard'", "type": "enum"}),
+                    ]))
+                })?
+                .as_str()
+                .to_string(),
+        ),
+    };
+    let (rec, credential) = gw.create_key_with(&owner, scope, &req.name, dialect).await.map_err(|e| {
         tracing::error!(error = %e, "creating key failed");
         ApiErr(darkroom_core::ApiError::internal())
     })?;
     Ok(json_response(
         StatusCode::CREATED,
-        &json!({"key_id": rec.key_id, "key": credential, "owner_id": rec.owner_id, "scope": rec.scope, "name": rec.name}),
+        &json!({"key_id": rec.key_id, "key": credential, "owner_id": rec.owner_id, "scope": rec.scope, "name": rec.name,
+                "webhook_dialect": rec.webhook_dialect}),
         None,
     ))
 }

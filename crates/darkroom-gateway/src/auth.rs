@@ -18,6 +18,8 @@ pub struct Caller {
     pub owner_id: String,
     pub key_id: String,
     pub scope: Scope,
+    /// The key's webhook dialect, if it has one.
+    pub webhook_dialect: Option<String>,
 }
 
 impl Caller {
@@ -73,7 +75,12 @@ impl Gateway {
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiErr> {
         let header = headers.get("authorization");
         if self.cfg.no_auth {
-            return Ok(Caller { owner_id: LOCAL_OWNER.into(), key_id: "no-auth".into(), scope: Scope::Admin });
+            return Ok(Caller {
+                owner_id: LOCAL_OWNER.into(),
+                key_id: "no-auth".into(),
+                scope: Scope::Admin,
+                webhook_dialect: None,
+            });
         }
         let Some(header) = header else {
             return Err(err(
@@ -107,6 +114,6 @@ impl Gateway {
             return Err(err(ErrorType::Unauthorized, "Invalid API key"));
         }
         let scope = Scope::parse(&rec.scope).unwrap_or(Scope::Client);
-        Ok(Caller { owner_id: rec.owner_id, key_id: rec.key_id, scope })
+        Ok(Caller { owner_id: rec.owner_id, key_id: rec.key_id, scope, webhook_dialect: rec.webhook_dialect })
     }
 }

@@ -295,6 +295,17 @@ impl Gateway {
 
     /// Creates an API key; returns the credential (`key_id:secret`), shown once.
     pub async fn create_key(&self, owner_id: &str, scope: Scope, name: &str) -> anyhow::Result<(KeyRecord, String)> {
+        self.create_key_with(owner_id, scope, name, None).await
+    }
+
+    /// [`Gateway::create_key`] with a webhook dialect for the key's requests.
+    pub async fn create_key_with(
+        &self,
+        owner_id: &str,
+        scope: Scope,
+        name: &str,
+        webhook_dialect: Option<String>,
+    ) -> anyhow::Result<(KeyRecord, String)> {
         let s = NewSecret::generate();
         let rec = KeyRecord {
             key_id: s.key_id.clone(),
@@ -304,6 +315,7 @@ impl Gateway {
             name: name.into(),
             created_at: self.now(),
             revoked_at: None,
+            webhook_dialect,
         };
         self.store.insert_key(&rec).await?;
         Ok((rec, s.credential()))

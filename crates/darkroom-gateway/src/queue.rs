@@ -127,7 +127,7 @@ pub async fn enqueue_request_with(
         _ => None,
     };
     let webhook_dialect = match header(headers, "x-darkroom-webhook-dialect")? {
-        None => None,
+        None => caller.webhook_dialect.clone(),
         Some(v) => Some(
             darkroom_core::webhook::Dialect::parse(v)
                 .ok_or_else(|| {

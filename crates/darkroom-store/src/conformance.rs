@@ -251,6 +251,7 @@ pub async fn keys_insert_list_revoke(s: &dyn Store) {
         name: "n".into(),
         created_at: 1,
         revoked_at: None,
+        webhook_dialect: Some("standard".into()),
     };
     s.insert_key(&k).await.unwrap();
     s.insert_key(&KeyRecord { key_id: "k2".into(), owner_id: "o2".into(), ..k.clone() }).await.unwrap();

@@ -45,6 +45,8 @@ pub struct KeyRecord {
     pub name: String,
     pub created_at: Millis,
     pub revoked_at: Option<Millis>,
+    /// Webhook dialect for this key's requests (`fal` or `standard`); None: the server's default.
+    pub webhook_dialect: Option<String>,
 }
 
 /// A runner token as stored (hash only). Tokens belong to one server boot.

@@ -88,6 +88,7 @@ fn key_from_row(r: &SqliteRow) -> StoreResult<KeyRecord> {
         name: r.try_get("name")?,
         created_at: r.try_get("created_at")?,
         revoked_at: r.try_get("revoked_at")?,
+        webhook_dialect: r.try_get("webhook_dialect")?,
     })
 }
 
@@ -355,8 +356,8 @@ impl Store for SqliteStore {
     async fn insert_key(&self, k: &KeyRecord) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         let res = sqlx::query(
-            "INSERT INTO api_keys (key_id, owner_id, secret_hash, scope, name, created_at, revoked_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (key_id, owner_id, secret_hash, scope, name, created_at, revoked_at, webhook_dialect) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&k.key_id)
         .bind(&k.owner_id)
@@ -365,6 +366,7 @@ impl Store for SqliteStore {
         .bind(&k.name)
         .bind(k.created_at)
         .bind(k.revoked_at)
+        .bind(&k.webhook_dialect)
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(e)) = &res

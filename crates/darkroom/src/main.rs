@@ -133,6 +133,9 @@ enum KeysCommand {
         /// The owner the key belongs to (defaults to yours).
         #[arg(long)]
         owner: Option<String>,
+        /// Webhook headers for this key's requests: `fal` or `standard` (Standard Webhooks).
+        #[arg(long)]
+        webhook_dialect: Option<String>,
     },
     /// List keys.
     List,
@@ -300,8 +303,11 @@ async fn env_cmd(a: EnvArgs) -> anyhow::Result<()> {
 async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
     let c = client::Client::admin(dir)?;
     match cmd {
-        KeysCommand::Create { name, scope, owner } => {
+        KeysCommand::Create { name, scope, owner, webhook_dialect } => {
             let mut body = json!({"name": name, "scope": scope});
+            if let Some(d) = webhook_dialect {
+                body["webhook_dialect"] = Value::String(d);
+            }
             if let Some(o) = owner {
                 body["owner_id"] = Value::String(o);
             }

@@ -311,3 +311,42 @@ async fn standard_webhooks_dialect_and_key_rotation() {
     assert!(keys2[0].1.verify(msg.as_bytes(), &sig).is_ok());
     assert!(keys2[1].1.verify(msg.as_bytes(), &sig).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_can_choose_the_standard_dialect() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--webhook-allow", "127.0.0.1/32"]);
+    s.wait_runners(1).await;
+    let rx = spawn_receiver(TcpListener::bind("127.0.0.1:0").unwrap(), false);
+    let k = s.post_json("/v1/keys", json!({"name": "std", "webhook_dialect": "standard"})).await;
+    assert_eq!(k["webhook_dialect"], "standard");
+    let key = format!("Key {}", k["key"].as_str().unwrap());
+    let hook = url::form_urlencoded::byte_serialize(rx.url().as_bytes()).collect::<String>();
+    let r = s
+        .http
+        .post(format!("{}/queue/{APP}?fal_webhook={hook}", s.url))
+        .header("authorization", &key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (head, _) = rx.wait(1).await[0].clone();
+    assert!(header(&head, "webhook-signature").is_some_and(|v| v.starts_with("v1a,")), "{head}");
+    assert!(header(&head, "x-fal-webhook-signature").is_none());
+    // A request may still ask for fal's headers.
+    let r = s
+        .http
+        .post(format!("{}/queue/{APP}?fal_webhook={hook}", s.url))
+        .header("authorization", &key)
+        .header("x-darkroom-webhook-dialect", "fal")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (head, _) = rx.wait(2).await[1].clone();
+    assert!(header(&head, "x-fal-webhook-signature").is_some(), "{head}");
+    let bad = s.post_json("/v1/keys", json!({"webhook_dialect": "soap"})).await;
+    assert_eq!(bad["error_type"], "validation_error");
+}
