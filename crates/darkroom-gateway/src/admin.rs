@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Gateway;
-use crate::error::{ApiErr, ApiResult, err};
+use crate::error::{ApiErr, ApiPath, ApiQuery, ApiResult, err};
 use crate::http::json_response;
 
 pub fn router() -> Router<Arc<Gateway>> {
@@ -104,11 +104,10 @@ async fn list_keys(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
 async fn revoke_key(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    key_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ApiPath(key_id): ApiPath,
 ) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
     caller.require_admin()?;
-    let Path(key_id) = key_id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     if !gw.store.revoke_key(&key_id, gw.now()).await? {
         return Err(err(ErrorType::NotFound, format!("No active key '{}'", key_id.escape_default())));
     }
@@ -158,10 +157,9 @@ struct ListRequests {
 async fn list_requests(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    q: Result<Query<ListRequests>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ListRequests>,
 ) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
-    let Query(q) = q.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     let state = match q.status.as_deref() {
         None => None,
         Some("IN_QUEUE") => Some("queued"),
@@ -193,14 +191,9 @@ async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
     Ok(Json(json!({"apps": apps})))
 }
 
-async fn visible_request(
-    gw: &Gateway,
-    headers: &HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<darkroom_core::job::JobRecord> {
+async fn visible_request(gw: &Gateway, headers: &HeaderMap, id: &str) -> ApiResult<darkroom_core::job::JobRecord> {
     let caller = gw.authenticate(headers).await?;
-    let Path(id) = id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
-    let id = darkroom_core::ids::parse_request_id(&id).map_err(ApiErr)?;
+    let id = darkroom_core::ids::parse_request_id(id).map_err(ApiErr)?;
     match gw.store.get_job(&id).await? {
         Some(j) if caller.can_see(&j.owner_id) => Ok(j),
         _ => Err(err(ErrorType::RequestNotFound, format!("Request '{id}' not found"))),
@@ -215,9 +208,9 @@ fn parse_json(s: &str) -> Value {
 async fn show_request(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<Value>> {
-    let j = visible_request(&gw, &headers, id).await?;
+    let j = visible_request(&gw, &headers, &id).await?;
     let mut v = crate::queue::summary(&j);
     v["input"] = parse_json(&j.input);
     v["result"] = j.result_body.as_deref().map(parse_json).unwrap_or(Value::Null);
@@ -237,9 +230,9 @@ async fn show_request(
 async fn delete_request(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<Value>> {
-    let j = visible_request(&gw, &headers, id).await?;
+    let j = visible_request(&gw, &headers, &id).await?;
     match gw.store.delete_payload(&j.id, gw.now()).await? {
         darkroom_store::DeleteResult::Deleted => Ok(Json(json!({"request_id": j.id, "deleted": true}))),
         darkroom_store::DeleteResult::NotCompleted => {

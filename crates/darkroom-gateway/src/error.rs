@@ -43,3 +43,31 @@ pub type ApiResult<T> = Result<T, ApiErr>;
 pub fn err(t: ErrorType, msg: impl Into<String>) -> ApiErr {
     ApiErr(ApiError::new(t, msg))
 }
+
+/// `Path<String>` whose rejection (e.g. invalid UTF-8) is a typed `invalid_request`, like every other error.
+#[derive(Debug)]
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| ApiPath(p))
+            .map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))
+    }
+}
+
+/// `Query<T>` whose rejection is a typed `invalid_request`.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| ApiQuery(q))
+            .map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))
+    }
+}

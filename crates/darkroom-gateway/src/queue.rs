@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::Gateway;
 use crate::auth::Caller;
-use crate::error::{ApiErr, ApiResult, err};
+use crate::error::{ApiErr, ApiPath, ApiResult, err};
 use crate::http::{Routed, base_url, json_response, request_id_header};
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiErr> {
@@ -289,16 +289,12 @@ pub async fn visible_job(gw: &Gateway, caller: &Caller, app: &AppRef, id: &str) 
 pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     method: Method,
-    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ApiPath(rest): ApiPath,
     RawQuery(query): RawQuery,
     routed: Routed,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let rest = match rest {
-        Ok(Path(r)) => r,
-        Err(e) => return err(ErrorType::InvalidRequest, e.body_text()).into_response(),
-    };
     match handle_inner(gw, method, rest, query, routed, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use darkroom_core::route::{RunRoute, route_run};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::error::{ApiErr, ApiResult};
+use crate::error::{ApiErr, ApiPath, ApiResult};
 use crate::http::{Routed, request_id_header};
 use crate::queue::{body_error, enqueue_request, result_response, wait_change};
 use crate::{Gateway, StreamMsg};
@@ -59,16 +59,12 @@ async fn wait_completed(gw: &Gateway, id: &str) -> ApiResult<JobRecord> {
 pub async fn handle(
     State(gw): State<Arc<Gateway>>,
     method: Method,
-    rest: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ApiPath(rest): ApiPath,
     RawQuery(query): RawQuery,
     _routed: Routed,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let rest = match rest {
-        Ok(Path(r)) => r,
-        Err(e) => return crate::error::err(darkroom_core::ErrorType::InvalidRequest, e.body_text()).into_response(),
-    };
     let route = match route_run(method.as_str(), &rest) {
         Ok(r) => r,
         Err(e) => return ApiErr(e).into_response(),

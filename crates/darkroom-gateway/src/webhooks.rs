@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::Gateway;
-use crate::error::{ApiErr, ApiResult, err};
+use crate::error::{ApiErr, ApiPath, ApiQuery, ApiResult, err};
 use crate::http::json_response;
 
 /// Loads the signing keys, making the first one if there is none.
@@ -254,10 +254,9 @@ fn delivery_json(d: &WebhookDelivery) -> Value {
 async fn list(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let caller = gw.authenticate(&headers).await?;
-    let Query(q) = q.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
     if let Some(s) = &q.state
         && !matches!(s.as_str(), "pending" | "delivered" | "dead")
     {
@@ -281,12 +280,7 @@ async fn visible(gw: &Gateway, headers: &HeaderMap, id: &str) -> ApiResult<(Webh
     }
 }
 
-async fn show(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<Json<Value>> {
-    let Path(id) = id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
+async fn show(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ApiPath(id): ApiPath) -> ApiResult<Json<Value>> {
     let (d, attempts) = visible(&gw, &headers, &id).await?;
     let mut v = delivery_json(&d);
     v["body"] = serde_json::from_str(&d.body).unwrap_or(Value::Null);
@@ -298,12 +292,7 @@ async fn show(
     Ok(Json(v))
 }
 
-async fn redeliver(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<Response> {
-    let Path(id) = id.map_err(|e| err(ErrorType::InvalidRequest, e.body_text()))?;
+async fn redeliver(State(gw): State<Arc<Gateway>>, headers: HeaderMap, ApiPath(id): ApiPath) -> ApiResult<Response> {
     visible(&gw, &headers, &id).await?;
     if !gw.store.redeliver_webhook(&id, gw.now()).await? {
         return Err(err(ErrorType::Conflict, "An attempt of this delivery is in flight; try again when it has ended"));
