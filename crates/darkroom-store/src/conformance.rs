@@ -439,6 +439,53 @@ pub async fn payloads_are_deleted_on_request_and_by_retention(s: &dyn Store) {
     assert!(s.get_job("new").await.unwrap().unwrap().result_body.is_none());
 }
 
+/// Gateways sharing a store: heartbeats keep a boot alive; a dead one is reaped without touching the others.
+pub async fn dead_gateways_are_reaped_and_live_ones_kept(s: &dyn Store) {
+    let token = |h: &str, boot: &str| RunnerTokenRecord {
+        token_hash: h.into(),
+        boot_id: boot.into(),
+        app_id: None,
+        created_at: 1,
+        revoked_at: None,
+    };
+    s.join_cluster("g1", Some("http://127.0.0.1:1"), 1_000).await.unwrap();
+    s.insert_runner_token(&token("t1", "g1")).await.unwrap();
+    s.enqueue(&NewJob { boot_id: "g1".into(), ..job("q1", "app") }).await.unwrap();
+    s.enqueue(&NewJob { boot_id: "g1".into(), mode: JobMode::Sync, ..job("sync1", "app") }).await.unwrap();
+    s.claim("q1", "r1", 60_000, 1_000).await.unwrap().unwrap();
+    // The same store now serves a second gateway's claims.
+    s.join_cluster("g2", None, 1_500).await.unwrap();
+    s.insert_runner_token(&token("t2", "g2")).await.unwrap();
+    s.enqueue(&NewJob { boot_id: "g2".into(), ..job("q2", "app") }).await.unwrap();
+    s.enqueue(&NewJob { boot_id: "g2".into(), mode: JobMode::Stream, ..job("stream2", "app") }).await.unwrap();
+    s.claim("q2", "r2", 60_000, 1_500).await.unwrap().unwrap();
+    assert_eq!(s.get_boot("g1").await.unwrap().unwrap().url.as_deref(), Some("http://127.0.0.1:1"));
+    assert!(s.heartbeat_boot("g2", 5_000).await.unwrap());
+    let mut report = s.reap_boots(3_000, None, 6_000).await.unwrap();
+    report.failed.sort();
+    assert_eq!(report.requeued, vec!["q1".to_string()], "the dead gateway's runner attempts end");
+    assert_eq!(report.failed, vec!["sync1".to_string()]);
+    assert_eq!(report.tokens_revoked, 1);
+    assert_eq!(s.get_runner_token("t1").await.unwrap().unwrap().revoked_at, Some(6_000));
+    assert_eq!(s.get_runner_token("t2").await.unwrap().unwrap().revoked_at, None, "live gateways keep theirs");
+    assert_eq!(s.get_job("q2").await.unwrap().unwrap().state, JobState::Running);
+    assert_eq!(s.get_job("stream2").await.unwrap().unwrap().state, JobState::Queued);
+    assert_eq!(s.get_boot("g1").await.unwrap().unwrap().reaped_at, Some(6_000));
+    assert!(!s.heartbeat_boot("g1", 7_000).await.unwrap(), "a reaped gateway learns it is dead");
+    assert_eq!(s.reap_boots(3_000, None, 7_000).await.unwrap(), BootReport::default(), "reaped once");
+    // A gateway known dead (its data folder restarted) is reaped at once, heartbeat or not.
+    let r = s.reap_boots(0, Some("g2"), 8_000).await.unwrap();
+    assert_eq!(r.requeued, vec!["q2".to_string()]);
+    assert_eq!(r.failed, vec!["stream2".to_string()]);
+    assert_eq!(s.complete("q2", 1, &ok_outcome(), 9_000).await.unwrap(), CompleteResult::Stale);
+}
+
+pub async fn settings_keep_their_first_value(s: &dyn Store) {
+    assert_eq!(s.ensure_setting("secret_check", "a").await.unwrap(), "a");
+    assert_eq!(s.ensure_setting("secret_check", "b").await.unwrap(), "a");
+    assert_eq!(s.ensure_setting("other", "b").await.unwrap(), "b");
+}
+
 /// Many concurrent claimers: every job is claimed exactly once.
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
@@ -482,7 +529,8 @@ macro_rules! conformance_tests {
             a_new_boot_revokes_tokens_and_ends_old_leases, keys_insert_list_revoke, listing_and_depths,
             the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
             a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
-            payloads_are_deleted_on_request_and_by_retention);
+            payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
+            settings_keep_their_first_value);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -1,5 +1,5 @@
-//! Darkroom's durable store. One [`Store`] trait, implemented on SQLite (the embedded default; PostgreSQL comes
-//! with "Scale-out store"), and a [`conformance`] suite that every implementation must pass.
+//! Darkroom's durable store. One [`Store`] trait, implemented on SQLite (the embedded default, one gateway) and
+//! PostgreSQL (several gateways sharing one database), and a [`conformance`] suite that both must pass.
 //!
 //! Rules every implementation keeps:
 //! - a job is durable before `enqueue` returns;
@@ -12,10 +12,44 @@ use async_trait::async_trait;
 use darkroom_core::Millis;
 use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 
+#[macro_use]
+mod rows;
 pub mod conformance;
+pub mod migrate;
+pub mod pg;
 pub mod sqlite;
+pub mod testing;
 
+pub use pg::PgStore;
 pub use sqlite::SqliteStore;
+
+/// What a shared store tells the other gateways (PostgreSQL `LISTEN/NOTIFY`). Only a wake-up hint: a receiver
+/// that misses one finds the same state by polling.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "e", rename_all = "snake_case")]
+pub enum StoreEvent {
+    /// A job of the app became claimable (enqueued or requeued).
+    Queued { app_id: String },
+    /// A job's status changed (claimed, new logs).
+    Changed { job_id: String },
+    /// A job completed.
+    Finished { job_id: String },
+    /// An attempt ended without the runner completing it (lease expired, runner lost): its holder must let go.
+    AttemptEnded { job_id: String, token: i64 },
+    /// A running job was cancelled: the gateway holding the runner's channel tells it to stop.
+    Cancelled { job_id: String, runner_id: String, token: i64 },
+}
+
+/// A gateway process sharing the store, as recorded by [`Store::join_cluster`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BootRecord {
+    pub id: String,
+    /// Where other gateways reach this one (relaying streams).
+    pub url: Option<String>,
+    pub started_at: Millis,
+    pub heartbeat_at: Millis,
+    pub reaped_at: Option<Millis>,
+}
 
 /// Store failures. These are internal: the gateway logs them and answers 500.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +67,22 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The outcome of a sync or stream request whose gateway died: nobody waits for it any more.
+pub(crate) fn gateway_restarted() -> Outcome {
+    Outcome::platform(&darkroom_core::error::ApiError::new(
+        darkroom_core::error::ErrorType::GatewayRestarted,
+        "The gateway restarted while this request was open",
+    ))
+}
+
+/// The outcome of an attempt whose runner was lost.
+pub(crate) fn runner_lost() -> Outcome {
+    Outcome::platform(&darkroom_core::error::ApiError::new(
+        darkroom_core::error::ErrorType::RunnerDisconnected,
+        "The runner serving this request was lost",
+    ))
+}
 
 /// An API key as stored (the secret only as a keyed hash).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -189,10 +239,32 @@ pub struct AppDepth {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records a new server boot: revokes every runner token of earlier boots and ends every lease they held
-    /// (queue jobs go back to the queue while attempts remain; sync and stream jobs complete as
-    /// `gateway_restarted`, since they are never retried after a gateway dies).
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// Records a new server boot as the only gateway on this store: revokes every runner token of earlier boots
+    /// and ends every lease they held (queue jobs go back to the queue while attempts remain; sync and stream jobs
+    /// complete as `gateway_restarted`, since they are never retried after a gateway dies). Claims made through
+    /// this store from now on are recorded as this boot's.
     async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport>;
+    /// Records a new boot beside other live gateways (a shared store): nothing of theirs is touched. `url` is where
+    /// the others reach this gateway. Claims made through this store from now on are recorded as this boot's.
+    async fn join_cluster(&self, boot_id: &str, url: Option<&str>, now: Millis) -> StoreResult<()>;
+    /// A live gateway's heartbeat. False if the boot was reaped as dead (the gateway must stop: its tokens are
+    /// revoked and its requests were ended).
+    async fn heartbeat_boot(&self, boot_id: &str, now: Millis) -> StoreResult<bool>;
+    /// Reaps boots whose heartbeat is older than `dead_before` (and `also`, a boot known dead): their runner tokens
+    /// are revoked, their sync and stream requests complete as `gateway_restarted`, and the attempts their runners
+    /// held end (requeued while attempts remain).
+    async fn reap_boots(&self, dead_before: Millis, also: Option<&str>, now: Millis) -> StoreResult<BootReport>;
+    async fn get_boot(&self, boot_id: &str) -> StoreResult<Option<BootRecord>>;
+    /// Tries to become (or checks it still is) the one gateway that runs the sweepers. Always true for a store
+    /// only one gateway can open.
+    async fn try_lead(&self) -> StoreResult<bool>;
+    /// Events written by other gateways sharing this store (None: nobody else shares it).
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>>;
+    /// Returns the setting's stored value, storing `value` first if it has none.
+    async fn ensure_setting(&self, name: &str, value: &str) -> StoreResult<String>;
 
     async fn insert_key(&self, key: &KeyRecord) -> StoreResult<()>;
     async fn get_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>>;

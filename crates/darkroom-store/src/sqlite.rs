@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use darkroom_core::Millis;
 use darkroom_core::error::{ApiError, ErrorType};
-use darkroom_core::job::{JobMode, JobRecord, JobState, LogEntry, NewJob, Outcome};
+use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
@@ -27,6 +27,8 @@ pub enum Durability {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The boot claims are recorded under.
+    boot: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -41,55 +43,11 @@ const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priori
     error_type, inference_ms, payload_deleted_at";
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
-    let mode: String = r.try_get("mode")?;
-    let state: String = r.try_get("state")?;
-    Ok(JobRecord {
-        id: r.try_get("id")?,
-        seq: r.try_get("seq")?,
-        app_id: r.try_get("app_id")?,
-        path: r.try_get("path")?,
-        owner_id: r.try_get("owner_id")?,
-        key_id: r.try_get("key_id")?,
-        mode: JobMode::parse(&mode).ok_or_else(|| StoreError::Corrupt(format!("mode {mode}")))?,
-        priority: r.try_get("priority")?,
-        state: JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
-        input: r.try_get("input")?,
-        attempts: r.try_get("attempts")?,
-        max_attempts: r.try_get("max_attempts")?,
-        no_retry: r.try_get("no_retry")?,
-        lease_runner: r.try_get("lease_runner")?,
-        lease_expires_at: r.try_get("lease_expires_at")?,
-        start_deadline: r.try_get("start_deadline")?,
-        runner_hint: r.try_get("runner_hint")?,
-        cancel_requested: r.try_get("cancel_requested")?,
-        webhook_url: r.try_get("webhook_url")?,
-        webhook_dialect: r.try_get("webhook_dialect")?,
-        traceparent: r.try_get("traceparent")?,
-        store_io: r.try_get("store_io")?,
-        boot_id: r.try_get("boot_id")?,
-        created_at: r.try_get("created_at")?,
-        started_at: r.try_get("started_at")?,
-        completed_at: r.try_get("completed_at")?,
-        result_status: r.try_get("result_status")?,
-        result_body: r.try_get("result_body")?,
-        error: r.try_get("error")?,
-        error_type: r.try_get("error_type")?,
-        inference_ms: r.try_get("inference_ms")?,
-        payload_deleted_at: r.try_get("payload_deleted_at")?,
-    })
+    job_from_row!(r)
 }
 
 fn key_from_row(r: &SqliteRow) -> StoreResult<KeyRecord> {
-    Ok(KeyRecord {
-        key_id: r.try_get("key_id")?,
-        owner_id: r.try_get("owner_id")?,
-        secret_hash: r.try_get("secret_hash")?,
-        scope: r.try_get("scope")?,
-        name: r.try_get("name")?,
-        created_at: r.try_get("created_at")?,
-        revoked_at: r.try_get("revoked_at")?,
-        webhook_dialect: r.try_get("webhook_dialect")?,
-    })
+    key_from_row!(r)
 }
 
 async fn write_outcome(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
@@ -137,23 +95,7 @@ async fn enqueue_webhook_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome,
 }
 
 fn delivery_from_row(r: &SqliteRow) -> StoreResult<WebhookDelivery> {
-    Ok(WebhookDelivery {
-        id: r.try_get("id")?,
-        job_id: r.try_get("job_id")?,
-        owner_id: r.try_get("owner_id")?,
-        url: r.try_get("url")?,
-        body: r.try_get("body")?,
-        dialect: r.try_get("dialect")?,
-        state: r.try_get("state")?,
-        attempts: r.try_get("attempts")?,
-        round_start: r.try_get("round_start")?,
-        next_attempt_at: r.try_get("next_attempt_at")?,
-        last_status: r.try_get("last_status")?,
-        last_error: r.try_get("last_error")?,
-        traceparent: r.try_get("traceparent")?,
-        created_at: r.try_get("created_at")?,
-        delivered_at: r.try_get("delivered_at")?,
-    })
+    delivery_from_row!(r)
 }
 
 /// Ends the running attempt `token` of a job inside a transaction: requeue or complete.
@@ -258,9 +200,43 @@ async fn purge_in(c: &mut SqliteConnection, job_id: &str, now: Millis) -> StoreR
     Ok(())
 }
 
-fn runner_lost() -> Outcome {
-    Outcome::platform(&ApiError::new(ErrorType::RunnerDisconnected, "The runner serving this request was lost"))
+/// Reaps one dead boot: its tokens, its ephemeral requests, the attempts its runners held.
+async fn reap_in(c: &mut SqliteConnection, boot_id: &str, now: Millis, report: &mut BootReport) -> StoreResult<()> {
+    sqlx::query("UPDATE boots SET reaped_at = ? WHERE id = ? AND reaped_at IS NULL")
+        .bind(now)
+        .bind(boot_id)
+        .execute(&mut *c)
+        .await?;
+    report.tokens_revoked += sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id = ?")
+        .bind(now)
+        .bind(boot_id)
+        .execute(&mut *c)
+        .await?
+        .rows_affected();
+    let rows = sqlx::query("SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id = ?")
+        .bind(boot_id)
+        .fetch_all(&mut *c)
+        .await?;
+    for r in rows {
+        let id: String = r.try_get("id")?;
+        write_outcome(c, &id, &crate::gateway_restarted(), now).await?;
+        report.failed.push(id);
+    }
+    let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_boot = ? ORDER BY seq")
+        .bind(boot_id)
+        .fetch_all(&mut *c)
+        .await?;
+    for (id, res) in fail_rows_in(c, rows, now).await? {
+        match res {
+            AttemptResult::Requeued => report.requeued.push(id),
+            AttemptResult::Completed => report.failed.push(id),
+            AttemptResult::Stale => {}
+        }
+    }
+    Ok(())
 }
+
+use crate::runner_lost;
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and migrates it.
@@ -288,7 +264,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts.read_only(true))
             .await?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore { writer, reader, boot: std::sync::Mutex::new(None) })
     }
 
     async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
@@ -304,10 +280,16 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport> {
         let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO boots (id, started_at) VALUES (?, ?)")
+        sqlx::query("UPDATE boots SET reaped_at = ? WHERE reaped_at IS NULL").bind(now).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO boots (id, started_at, heartbeat_at) VALUES (?, ?, ?)")
             .bind(boot_id)
+            .bind(now)
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -323,10 +305,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         // Ephemeral jobs of earlier boots: nobody waits for them any more.
-        let restarted = Outcome::platform(&ApiError::new(
-            ErrorType::GatewayRestarted,
-            "The gateway restarted while this request was open",
-        ));
+        let restarted = crate::gateway_restarted();
         let rows = sqlx::query("SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id != ?")
             .bind(boot_id)
             .fetch_all(&mut *tx)
@@ -350,7 +329,75 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().await?;
+        *self.boot.lock().unwrap() = Some(boot_id.to_string());
         Ok(report)
+    }
+
+    async fn join_cluster(&self, boot_id: &str, url: Option<&str>, now: Millis) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO boots (id, url, started_at, heartbeat_at) VALUES (?, ?, ?, ?)")
+            .bind(boot_id)
+            .bind(url)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        *self.boot.lock().unwrap() = Some(boot_id.to_string());
+        Ok(())
+    }
+
+    async fn heartbeat_boot(&self, boot_id: &str, now: Millis) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE boots SET heartbeat_at = ? WHERE id = ? AND reaped_at IS NULL")
+            .bind(now)
+            .bind(boot_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn reap_boots(&self, dead_before: Millis, also: Option<&str>, now: Millis) -> StoreResult<BootReport> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query("SELECT id FROM boots WHERE reaped_at IS NULL AND (heartbeat_at < ? OR id = ?) ORDER BY started_at")
+            .bind(dead_before)
+            .bind(also)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut report = BootReport::default();
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            reap_in(&mut tx, &id, now, &mut report).await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn get_boot(&self, boot_id: &str) -> StoreResult<Option<BootRecord>> {
+        let row = sqlx::query("SELECT * FROM boots WHERE id = ?").bind(boot_id).fetch_optional(&self.reader).await?;
+        row.map(|r| boot_from_row!(&r)).transpose()
+    }
+
+    async fn try_lead(&self) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
+
+    async fn ensure_setting(&self, name: &str, value: &str) -> StoreResult<String> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = ?").bind(name).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row.try_get("value")?)
     }
 
     async fn insert_key(&self, k: &KeyRecord) -> StoreResult<()> {
@@ -427,16 +474,7 @@ impl Store for SqliteStore {
             .bind(token_hash)
             .fetch_optional(&self.reader)
             .await?;
-        row.map(|r| {
-            Ok(RunnerTokenRecord {
-                token_hash: r.try_get("token_hash")?,
-                boot_id: r.try_get("boot_id")?,
-                app_id: r.try_get("app_id")?,
-                created_at: r.try_get("created_at")?,
-                revoked_at: r.try_get("revoked_at")?,
-            })
-        })
-        .transpose()
+        row.map(|r| token_from_row!(&r)).transpose()
     }
 
     async fn enqueue(&self, j: &NewJob) -> StoreResult<JobRecord> {
@@ -561,14 +599,16 @@ impl Store for SqliteStore {
         lease_until: Millis,
         now: Millis,
     ) -> StoreResult<Option<JobRecord>> {
+        let boot = self.boot.lock().unwrap().clone();
         let mut tx = self.begin().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
-             started_at = ?, start_deadline = NULL WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
+             started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
         )))
         .bind(runner_id)
         .bind(lease_until)
         .bind(now)
+        .bind(boot)
         .bind(job_id)
         .fetch_optional(&mut *tx)
         .await?;
@@ -729,11 +769,7 @@ impl Store for SqliteStore {
             .bind(job_id)
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LogEntry { timestamp: r.try_get("ts")?, level: r.try_get("level")?, message: r.try_get("message")? })
-            })
-            .collect()
+        rows.iter().map(|r| log_from_row!(r)).collect()
     }
 
     async fn list_jobs(&self, f: &JobFilter) -> StoreResult<Vec<JobRecord>> {
@@ -758,15 +794,7 @@ impl Store for SqliteStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AppDepth {
-                    app_id: r.try_get("app_id")?,
-                    queued: r.try_get("queued")?,
-                    running: r.try_get("running")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| depth_from_row!(r)).collect()
     }
 
     async fn claim_due_webhooks(
@@ -868,18 +896,7 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_all(&self.reader)
             .await?;
-        let attempts = rows
-            .iter()
-            .map(|r| {
-                Ok(WebhookAttempt {
-                    attempt: r.try_get("attempt")?,
-                    started_at: r.try_get("started_at")?,
-                    duration_ms: r.try_get("duration_ms")?,
-                    status: r.try_get("status")?,
-                    error: r.try_get("error")?,
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+        let attempts = rows.iter().map(|r| attempt_from_row!(r)).collect::<StoreResult<Vec<_>>>()?;
         Ok(Some((d, attempts)))
     }
 
@@ -900,16 +917,7 @@ impl Store for SqliteStore {
 
     async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
         let rows = sqlx::query("SELECT * FROM signing_keys ORDER BY created_at, kid").fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SigningKeyRecord {
-                    kid: r.try_get("kid")?,
-                    secret: r.try_get("secret")?,
-                    created_at: r.try_get("created_at")?,
-                    retired_at: r.try_get("retired_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| signing_key_from_row!(r)).collect()
     }
 
     async fn insert_signing_key(&self, k: &SigningKeyRecord, retire_others: bool) -> StoreResult<()> {

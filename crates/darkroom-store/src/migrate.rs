@@ -1,0 +1,1 @@
+//! `darkroom migrate`: copies a SQLite deployment into PostgreSQL.
