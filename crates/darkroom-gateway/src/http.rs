@@ -163,6 +163,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(crate::openapi::platform_openapi))
         .route("/internal/runner/connect", get(crate::hub::connect))
+        .route("/internal/streams/{id}", axum::routing::post(crate::cluster::receive_partial))
         .route("/run/{*rest}", any(crate::run::handle))
         .route("/queue/{*rest}", any(crate::queue::handle))
         .route("/api/fal/proxy", any(crate::proxy::handle))

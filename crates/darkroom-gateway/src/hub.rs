@@ -111,6 +111,18 @@ impl Hub {
         }
     }
 
+    /// An attempt ended elsewhere (another gateway expired its lease): its runner, if here, lets go of it.
+    pub fn attempt_ended(&self, job_id: &str, token: i64) {
+        let mut m = self.runners.lock().unwrap();
+        for c in m.values_mut() {
+            if c.in_flight.get(job_id) == Some(&token) {
+                c.in_flight.remove(job_id);
+                let _ = c.tx.send(GatewayFrame::Cancel { job_id: job_id.to_string(), token });
+                self.kick(&c.info.app_id);
+            }
+        }
+    }
+
     fn in_flight_token(&self, runner_id: &str, job_id: &str) -> Option<i64> {
         self.runners.lock().unwrap().get(runner_id).and_then(|c| c.in_flight.get(job_id).copied())
     }
@@ -175,6 +187,10 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
                 _ => false,
             }
         };
+        if sent && job.mode == darkroom_core::job::JobMode::Stream && job.boot_id != gw.boot_id {
+            // The client is on another gateway.
+            crate::cluster::open_relay(gw, &job);
+        }
         gw.job_changed(&job.id);
         tracing::debug!(request_id = %job.id, runner = %runner_id, attempt = job.attempts, sent, "request assigned");
         if !sent {
@@ -201,7 +217,8 @@ pub async fn connect(
         Ok(r) => r,
         Err(e) => return ApiErr::from(e).into_response(),
     };
-    let Some(rec) = rec.filter(|r| r.revoked_at.is_none() && r.boot_id == gw.boot_id) else {
+    // Tokens of earlier boots are revoked when the boot is reaped; any live gateway of a cluster accepts the others'.
+    let Some(rec) = rec.filter(|r| r.revoked_at.is_none()) else {
         return err(ErrorType::RunnerTokenInvalid, "Runner token is unknown, revoked or from a previous boot")
             .into_response();
     };
@@ -399,6 +416,8 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
             if gw.hub.in_flight_token(runner_id, &job_id) == Some(token) {
                 if let Some(tx) = gw.streams.lock().unwrap().get(&job_id) {
                     let _ = tx.send(StreamMsg::Partial(data));
+                } else if let Some(relay) = gw.relays.lock().unwrap().get(&job_id) {
+                    relay.send(data);
                 }
             } else {
                 refused(gw, runner_id, &job_id, token, "stale token");
@@ -422,6 +441,8 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                 refused(gw, runner_id, &job_id, token, "this runner does not hold that attempt");
                 return;
             }
+            // Partials relayed to the client's gateway arrive there before the completion does.
+            crate::cluster::close_relay(gw, &job_id).await;
             let body_s = body.to_string();
             let result = if status == 200 {
                 complete_with_retry(gw, &job_id, token, &Outcome::success(body_s, inference_ms), now).await

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod http;
 pub mod hub;
@@ -75,6 +76,8 @@ pub struct GatewayConfig {
     pub webhook_timeout: Duration,
     /// How long a retired signing key stays in the JWKS.
     pub webhook_key_overlap: Duration,
+    /// Sharing the store with other gateways (None: this gateway is the store's only one).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -114,6 +117,7 @@ impl Default for GatewayConfig {
             webhook_hmac_secret: None,
             webhook_timeout: Duration::from_secs(15),
             webhook_key_overlap: Duration::from_secs(48 * 3600),
+            cluster: None,
         }
     }
 }
@@ -149,6 +153,15 @@ pub struct Gateway {
     pub signing_keys: std::sync::RwLock<Vec<darkroom_store::SigningKeyRecord>>,
     /// TLS for webhook targets: the system's CAs.
     pub webhook_tls: Arc<rustls::ClientConfig>,
+    /// Whether this gateway runs the sweepers (always, alone on its store; the lock holder in a cluster).
+    pub leader: std::sync::atomic::AtomicBool,
+    /// Cancelled when the cluster declared this gateway dead.
+    pub dead: CancellationToken,
+    /// Stream jobs running here whose clients are on other gateways.
+    pub relays: Mutex<HashMap<String, cluster::Relay>>,
+    /// Gateway-to-gateway credentials and client.
+    pub cluster_token: String,
+    pub cluster_http: reqwest::Client,
     pub(crate) router: OnceLock<Router>,
 }
 
@@ -161,9 +174,21 @@ impl Gateway {
         apps: Vec<AppSpec>,
     ) -> anyhow::Result<Arc<Gateway>> {
         let boot_id = darkroom_core::ids::new_request_id();
-        let report = store.start_boot(&boot_id, clock.now_ms()).await?;
+        let now = clock.now_ms();
+        let report = match &cfg.cluster {
+            None => store.start_boot(&boot_id, now).await?,
+            Some(c) => {
+                store.join_cluster(&boot_id, c.url.as_deref(), now).await?;
+                match &c.previous_boot {
+                    Some(prev) => store.reap_boots(i64::MIN, Some(prev), now).await?,
+                    None => darkroom_store::BootReport::default(),
+                }
+            }
+        };
         tracing::info!(
             %boot_id,
+            store = store.kind(),
+            cluster = cfg.cluster.is_some(),
             requeued = report.requeued.len(),
             failed = report.failed.len(),
             tokens_revoked = report.tokens_revoked,
@@ -175,6 +200,14 @@ impl Gateway {
             compiled.insert(app.spec.id.clone(), Arc::new(app));
         }
         metrics::install();
+        let cluster_token = cluster::cluster_token(&cfg.server_secret);
+        let leader = cfg.cluster.is_none();
+        let cluster_http = reqwest::Client::builder()
+            .use_preconfigured_tls((*darkroom_core::tls::client_config(None).map_err(anyhow::Error::msg)?).clone())
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
         let gw = Arc::new(Gateway {
             cfg,
             store,
@@ -191,9 +224,15 @@ impl Gateway {
             webhook_kick: tokio::sync::Notify::new(),
             signing_keys: std::sync::RwLock::new(vec![]),
             webhook_tls: darkroom_core::tls::client_config(None).map_err(anyhow::Error::msg)?,
+            leader: std::sync::atomic::AtomicBool::new(leader),
+            dead: CancellationToken::new(),
+            relays: Mutex::new(HashMap::new()),
+            cluster_token,
+            cluster_http,
             router: OnceLock::new(),
         });
         webhooks::load_keys(&gw).await?;
+        metrics::set_leader(leader);
         let _ = gw.router.set(http::router(gw.clone()));
         Ok(gw)
     }
@@ -257,6 +296,20 @@ impl Gateway {
         self.job_changed(&job.id);
     }
 
+    /// Another gateway completed a job: wake this one's waiters and streams (it counted and logged it).
+    pub fn finished_elsewhere(&self, id: &str) {
+        self.progress.lock().unwrap().remove(id);
+        if let Some(tx) = self.streams.lock().unwrap().get(id) {
+            let _ = tx.send(StreamMsg::Done);
+        }
+        self.webhook_kick.notify_one();
+        self.job_changed(id);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// [`Gateway::job_finished`] by id; streams and waiters are woken even if the job cannot be re-read.
     pub async fn finished_by_id(&self, id: &str) {
         match self.store.get_job(id).await {
@@ -275,11 +328,18 @@ impl Gateway {
         hub::start_dispatchers(self);
         tokio::spawn(self.clone().run_sweeper());
         tokio::spawn(webhooks::run_dispatcher(self.clone()));
+        if let Some(c) = &self.cfg.cluster {
+            tokio::spawn(cluster::run_heartbeat(self.clone(), c.clone()));
+        }
+        if let Some(rx) = self.store.subscribe() {
+            tokio::spawn(cluster::follow_events(self.clone(), rx));
+        }
     }
 
     /// Applies the results of ended attempts: requeued jobs wake their dispatcher, completed ones their waiters.
     pub async fn attempts_ended(&self, results: &[(String, AttemptResult)]) {
         for (id, r) in results {
+            self.relays.lock().unwrap().remove(id);
             match r {
                 AttemptResult::Completed => self.finished_by_id(id).await,
                 AttemptResult::Requeued => {
@@ -371,11 +431,20 @@ impl Gateway {
                 _ = self.shutdown.cancelled() => return,
             }
             let now = self.now();
+            if let Ok(depths) = self.store.app_depths().await {
+                metrics::set_depths(&self.apps, &depths);
+            }
+            self.hub.report_metrics();
+            if !self.is_leader() {
+                // Another gateway sweeps the shared store.
+                continue;
+            }
             match self.store.expire_leases(now).await {
                 Ok(r) if !r.is_empty() => {
                     tracing::warn!(count = r.len(), "leases expired");
                     for (id, _) in &r {
                         self.hub.lease_lost(id);
+                        self.relays.lock().unwrap().remove(id);
                     }
                     self.attempts_ended(&r).await;
                 }
@@ -400,10 +469,6 @@ impl Gateway {
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }
             }
-            if let Ok(depths) = self.store.app_depths().await {
-                metrics::set_depths(&self.apps, &depths);
-            }
-            self.hub.report_metrics();
         }
     }
 }

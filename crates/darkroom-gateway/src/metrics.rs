@@ -69,3 +69,8 @@ pub fn set_runner_states(runners: &[RunnerInfo]) {
         metrics::gauge!("darkroom_runners", "app" => app, "state" => state).set(n as f64);
     }
 }
+
+/// 1 while this gateway leads its cluster (runs the sweepers).
+pub fn set_leader(leading: bool) {
+    metrics::gauge!("darkroom_leader").set(if leading { 1.0 } else { 0.0 });
+}

@@ -368,9 +368,8 @@ impl Store for PgStore {
         let mut ev = Events::new();
         // One gateway at a time may do this: others starting at once wait here.
         sqlx::query("LOCK TABLE boots IN EXCLUSIVE MODE").execute(&mut *tx).await?;
-        let others = sqlx::query("SELECT id FROM boots WHERE reaped_at IS NULL ORDER BY started_at")
-            .fetch_all(&mut *tx)
-            .await?;
+        let others =
+            sqlx::query("SELECT id FROM boots WHERE reaped_at IS NULL ORDER BY started_at").fetch_all(&mut *tx).await?;
         let mut report = BootReport::default();
         for r in others {
             let id: String = r.try_get("id")?;
@@ -1048,8 +1047,10 @@ impl Store for PgStore {
 
     async fn delete_payload(&self, job_id: &str, now: Millis) -> StoreResult<DeleteResult> {
         let mut tx = self.begin().await?;
-        let row =
-            sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE").bind(job_id).fetch_optional(&mut *tx).await?;
+        let row = sqlx::query("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let res = match row {
             None => DeleteResult::NotFound,
             Some(r) if r.try_get::<String, _>("state")? != "completed" => DeleteResult::NotCompleted,

@@ -207,12 +207,13 @@ async fn reap_in(c: &mut SqliteConnection, boot_id: &str, now: Millis, report: &
         .bind(boot_id)
         .execute(&mut *c)
         .await?;
-    report.tokens_revoked += sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id = ?")
-        .bind(now)
-        .bind(boot_id)
-        .execute(&mut *c)
-        .await?
-        .rows_affected();
+    report.tokens_revoked +=
+        sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id = ?")
+            .bind(now)
+            .bind(boot_id)
+            .execute(&mut *c)
+            .await?
+            .rows_affected();
     let rows = sqlx::query("SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id = ?")
         .bind(boot_id)
         .fetch_all(&mut *c)
@@ -361,11 +362,13 @@ impl Store for SqliteStore {
 
     async fn reap_boots(&self, dead_before: Millis, also: Option<&str>, now: Millis) -> StoreResult<BootReport> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query("SELECT id FROM boots WHERE reaped_at IS NULL AND (heartbeat_at < ? OR id = ?) ORDER BY started_at")
-            .bind(dead_before)
-            .bind(also)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id FROM boots WHERE reaped_at IS NULL AND (heartbeat_at < ? OR id = ?) ORDER BY started_at",
+        )
+        .bind(dead_before)
+        .bind(also)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut report = BootReport::default();
         for r in rows {
             let id: String = r.try_get("id")?;

@@ -65,6 +65,18 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "DARKROOM_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
     pub body_limit: usize,
+    /// The store: a PostgreSQL URL (`postgres://user:password@host:5432/db`) shared by every gateway of a cluster.
+    /// Without it, a SQLite database in the data folder (one gateway). Every gateway sharing a database must have
+    /// the same DARKROOM_SERVER_SECRET.
+    #[arg(long, env = "DARKROOM_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the other gateways of a cluster reach this one (for streams whose runner is on another gateway).
+    /// Default: the listening address.
+    #[arg(long, env = "DARKROOM_CLUSTER_URL")]
+    pub cluster_url: Option<url::Url>,
+    /// Milliseconds between a clustered gateway's heartbeats; one silent for 10 heartbeats is reaped as dead.
+    #[arg(long, env = "DARKROOM_HEARTBEAT_MS", default_value_t = 1_000)]
+    pub heartbeat_ms: u64,
     /// SQLite durability: `full` (fsync every commit) or `normal` (survives process crashes only).
     #[arg(long, env = "DARKROOM_SQLITE_SYNC", default_value = "full")]
     pub sqlite_sync: String,
@@ -145,8 +157,42 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         other => bail!("--sqlite-sync must be full or normal, not {other}"),
     };
     let secret = server_secret(&dir)?;
-    let store =
-        Arc::new(SqliteStore::open(&dir.join("darkroom.db"), durability).await.context("opening the database")?);
+    let (store, closer): (Arc<dyn Store>, StoreCloser) = match &a.database_url {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            let s = Arc::new(darkroom_store::PgStore::connect(u).await.context("connecting to PostgreSQL")?);
+            (s.clone(), StoreCloser::Pg(s))
+        }
+        Some(u) => bail!("--database-url must be a postgres:// URL (got {:?})", u.split(':').next().unwrap_or("")),
+        None => {
+            let s = Arc::new(
+                SqliteStore::open(&dir.join("darkroom.db"), durability).await.context("opening the database")?,
+            );
+            (s.clone(), StoreCloser::Sqlite(s))
+        }
+    };
+    // Keys are stored as keyed hashes: a gateway with another secret would refuse every key. Say so instead.
+    let check = darkroom_core::auth::keyed_hash(&secret, "darkroom-secret-check-v1");
+    if store.ensure_setting("server_secret_check", &check).await? != check {
+        bail!(
+            "this database was set up with a different server secret (keys could not be checked): give every gateway \
+             sharing it the same DARKROOM_SERVER_SECRET"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    let scheme = if a.tls { "https" } else { "http" };
+    let local_host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let local_host = if local_host.contains(':') { format!("[{local_host}]") } else { local_host };
+    let local_url = format!("{scheme}://{local_host}:{}", addr.port());
+    let boot_file = dir.join("boot.id");
+    let cluster = (store.kind() == "postgres").then(|| darkroom_gateway::cluster::ClusterConfig {
+        url: Some(
+            a.cluster_url.as_ref().map(|u| u.as_str().trim_end_matches('/').to_string()).unwrap_or(local_url.clone()),
+        ),
+        previous_boot: std::fs::read_to_string(&boot_file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+        heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(50)),
+        dead_after: std::time::Duration::from_millis(a.heartbeat_ms.max(50) * 10),
+    });
 
     let tls_files = if a.tls {
         Some(match (&a.tls_cert, &a.tls_key) {
@@ -189,10 +235,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
         webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.max(1)),
         webhook_key_overlap: std::time::Duration::from_secs(a.webhook_key_overlap_hours * 3600),
+        cluster,
         ..GatewayConfig::default()
     };
     let apps = darkroom_models::builtin_specs();
     let gw = Gateway::new(cfg, store.clone(), Arc::new(darkroom_core::SystemClock), apps).await?;
+    write_private(&boot_file, &gw.boot_id)?;
 
     // The local admin key: kept across restarts while the database knows it.
     let admin_path = dir.join("local-admin.key");
@@ -217,12 +265,6 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
-    let addr = listener.local_addr()?;
-    let scheme = if a.tls { "https" } else { "http" };
-    let local_host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
-    let local_host = if local_host.contains(':') { format!("[{local_host}]") } else { local_host };
-    let local_url = format!("{scheme}://{local_host}:{}", addr.port());
     let url = a
         .public_url
         .as_ref()
@@ -269,6 +311,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = gw.dead.cancelled() => {}
     }
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(dir.join("server.json"));
@@ -283,10 +326,29 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     gw.shutdown.cancel();
     let _ = server.await;
+    if gw.cfg.cluster.is_some() && !gw.dead.is_cancelled() {
+        // Leave the cluster now rather than when the others notice the silence.
+        match store.reap_boots(i64::MIN, Some(&gw.boot_id), gw.now()).await {
+            Ok(r) => tracing::info!(failed = r.failed.len(), requeued = r.requeued.len(), "left the cluster"),
+            Err(e) => tracing::warn!(error = %e, "leaving the cluster failed; the others will reap this gateway"),
+        }
+    }
     // Let in-flight store calls of background tasks finish before the pools close.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    store.close().await;
+    match closer {
+        StoreCloser::Sqlite(s) => s.close().await,
+        StoreCloser::Pg(s) => s.close().await,
+    }
+    if gw.dead.is_cancelled() {
+        bail!("stopped: the cluster declared this gateway dead");
+    }
     Ok(())
+}
+
+/// The concrete store, to close it at exit.
+enum StoreCloser {
+    Sqlite(Arc<SqliteStore>),
+    Pg(Arc<darkroom_store::PgStore>),
 }
 
 fn tokio_util_shutdown() -> tokio_util::sync::CancellationToken {

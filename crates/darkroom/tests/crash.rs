@@ -14,8 +14,20 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_with_jobs_queued_and_running_loses_nothing() {
+    kill9_scenario(&[], &[]).await;
+}
+
+/// The same on PostgreSQL: the restarted gateway reaps its data folder's previous boot at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_on_postgres_loses_nothing() {
+    let url = darkroom_store::testing::pg_url().await;
+    kill9_scenario(&["--database-url", &url], &[("DARKROOM_SERVER_SECRET", "crash-test-secret-0123456789abcdef0123")])
+        .await;
+}
+
+async fn kill9_scenario(args: &[&str], env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path(), &[]);
+    let mut s = Server::start_with_env(dir.path(), args, env);
     let runners = s.wait_runners(1).await;
     let old_runner_pid = runners[0]["pid"].as_i64().unwrap() as i32;
     let old_token =
@@ -35,7 +47,7 @@ async fn kill9_with_jobs_queued_and_running_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let s = Server::start(dir.path(), &[]);
+    let s = Server::start_with_env(dir.path(), args, env);
     // The previous boot's runner credentials are refused.
     let mut req = format!("{}/internal/runner/connect", s.url.replace("http", "ws")).into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {old_token}").parse().unwrap());
@@ -125,8 +137,24 @@ async fn next_frame(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_completion_from_a_dead_attempt_is_refused() {
+    late_completion_scenario(&[], &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_completion_is_refused_on_postgres() {
+    let url = darkroom_store::testing::pg_url().await;
+    late_completion_scenario(
+        &["--database-url", &url],
+        &[("DARKROOM_SERVER_SECRET", "crash-test-secret-0123456789abcdef0123")],
+    )
+    .await;
+}
+
+async fn late_completion_scenario(args: &[&str], env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--no-local-runners"]);
+    let mut all = vec!["--no-local-runners"];
+    all.extend_from_slice(args);
+    let s = Server::start_with_env(dir.path(), &all, env);
     let token = s.post_json("/v1/runner-tokens", json!({"app_id": APP})).await["token"].as_str().unwrap().to_string();
     let sub = s.submit(json!({"echo": "fenced"})).await;
     let id = sub["request_id"].as_str().unwrap().to_string();

@@ -16,6 +16,7 @@ pub struct Server {
     pub admin: String,
     pub http: reqwest::Client,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 fn read_json(p: &Path) -> Option<Value> {
@@ -24,8 +25,14 @@ fn read_json(p: &Path) -> Option<Value> {
 
 impl Server {
     pub fn start(dir: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(dir, args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let _ = std::fs::remove_file(dir.join("server.json"));
         let child = Command::new(env!("CARGO_BIN_EXE_darkroom"))
             .arg("serve")
@@ -35,6 +42,7 @@ impl Server {
             .arg("127.0.0.1:0")
             .args(&args)
             .env("DARKROOM_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn darkroom serve");
@@ -61,6 +69,7 @@ impl Server {
             admin,
             http,
             args,
+            env,
         }
     }
 
@@ -160,6 +169,12 @@ impl Server {
             assert!(Instant::now() < deadline, "request {id} never reached {want}: {s}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The value of a metric without labels, from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.http.get(format!("{}/metrics", self.url)).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     pub async fn post_json(&self, path: &str, body: Value) -> Value {

@@ -1,0 +1,192 @@
+//! Several `darkroom serve` processes sharing one PostgreSQL database (a fresh schema on
+//! `DARKROOM_TEST_DATABASE_URL` per test): clients on both gateways, runners on either, the leader killed and
+//! replaced, and nothing lost or completed twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{APP, Server};
+use serde_json::{Value, json};
+
+const SECRET: &str = "cluster-test-secret-0123456789abcdef0123456789";
+
+fn gateway(dir: &std::path::Path, url: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--database-url", url, "--heartbeat-ms", "200", "--lease-ms", "3000"];
+    args.extend_from_slice(extra);
+    Server::start_with_env(dir, &args, &[("DARKROOM_SERVER_SECRET", SECRET)])
+}
+
+async fn wait_leader(s: &Server, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("darkroom_leader").await != Some(want) {
+        assert!(Instant::now() < deadline, "{} never reported darkroom_leader {want}", s.url);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_serve_one_queue() {
+    let url = darkroom_store::testing::pg_url().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A holds the runners; B has none of its own, so every request sent to B runs through A's runners.
+    let a = gateway(da.path(), &url, &[]);
+    let b = gateway(db.path(), &url, &["--no-local-runners"]);
+    a.wait_runners(1).await;
+    wait_leader(&a, 1.0).await;
+    wait_leader(&b, 0.0).await;
+
+    // Keys are shared: A's admin key works on B.
+    let r = b.http.get(format!("{}/v1/keys", b.url)).header("authorization", a.auth()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Queue: submitted on B, run on A's runner, read back on both.
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(b.submit(json!({"echo": i})).await["request_id"].as_str().unwrap().to_string());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (code, out) = b.result(id).await;
+        assert_eq!((code, &out["echo"]), (200, &json!(i)), "{out}");
+        assert_eq!(a.result(id).await.1, out);
+    }
+
+    // Sync run on B: the completion written through A reaches B's waiting client.
+    let t = Instant::now();
+    let r = b
+        .http
+        .post(format!("{}/run/{APP}", b.url))
+        .header("authorization", b.auth())
+        .json(&json!({"echo": "sync"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"echo": "sync", "attempt": 1}));
+    assert!(
+        t.elapsed() < Duration::from_millis(1_500),
+        "woken by the notification, not the 2 s poll: {:?}",
+        t.elapsed()
+    );
+
+    // Stream on B: the runner's channel is on A, which relays each partial to B before the job completes.
+    let r = b
+        .http
+        .post(format!("{}/run/{APP}/stream", b.url))
+        .header("authorization", b.auth())
+        .json(&json!({"echo": "s", "parts": 4, "sleep_ms": 40}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<Value> =
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(
+        events,
+        vec![
+            json!({"part": 0}),
+            json!({"part": 1}),
+            json!({"part": 2}),
+            json!({"part": 3}),
+            json!({"echo": "s", "attempt": 1})
+        ]
+    );
+
+    // Cancel on B of a request running on A's runner: the runner is told and its slot freed.
+    let id = b.submit(json!({"sleep_ms": 30_000})).await["request_id"].as_str().unwrap().to_string();
+    b.wait_status(&id, "IN_PROGRESS").await;
+    let r = b
+        .http
+        .put(format!("{}/queue/{APP}/requests/{id}/cancel", b.url))
+        .header("authorization", b.auth())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (code, out) = a.result(&id).await;
+    assert_eq!(code, 499, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rs = a.wait_runners(1).await;
+        if rs.iter().all(|r| r["in_flight"].as_array().is_some_and(|v| v.is_empty())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cancelled request still holds a slot: {rs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A runner joining B with a token minted on A serves B's queue like a local one would.
+    let token = a.post_json("/v1/runner-tokens", json!({"app_id": APP})).await["token"].as_str().unwrap().to_string();
+    let mut remote = std::process::Command::new(env!("CARGO_BIN_EXE_darkroom"))
+        .args(["runner", "--gateway", &b.url, "--token", &token, "--app", APP])
+        .env("DARKROOM_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    b.wait_runners(1).await;
+    let id = b.submit(json!({"echo": "remote"})).await["request_id"].as_str().unwrap().to_string();
+    assert_eq!(b.result(&id).await.1["echo"], "remote");
+    let _ = remote.kill();
+    let _ = remote.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_is_killed_and_replaced_and_no_job_is_lost_or_run_twice() {
+    let url = darkroom_store::testing::pg_url().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = gateway(da.path(), &url, &[]);
+    wait_leader(&a, 1.0).await;
+    let b = gateway(db.path(), &url, &[]);
+    a.wait_runners(1).await;
+    b.wait_runners(1).await;
+    wait_leader(&b, 0.0).await;
+
+    // Jobs on both gateways, long enough that some are running on A's runner when A dies.
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        ids.push(s.submit(json!({"echo": i, "sleep_ms": 600})).await["request_id"].as_str().unwrap().to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let runners = a.wait_runners(1).await;
+        if runners.iter().any(|r| r["in_flight"].as_array().is_some_and(|v| !v.is_empty())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A's runner never took a job");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill9();
+    // B takes the lead (the lock died with A's connections) and reaps A after 10 silent heartbeats.
+    wait_leader(&b, 1.0).await;
+    let mut attempts = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (code, out) = b.result(id).await;
+        assert_eq!(code, 200, "{id}: {out}");
+        assert_eq!(out["echo"], json!(i));
+        attempts.push(out["attempt"].as_i64().unwrap());
+    }
+    assert!(attempts.contains(&2), "the jobs running on A ran again on B: {attempts:?}");
+    assert!(attempts.iter().all(|a| *a <= 2), "{attempts:?}");
+    // Exactly one completion each, none failed.
+    let v: Value = b
+        .http
+        .get(format!("{}/v1/requests?limit=100", b.url))
+        .header("authorization", b.auth())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = v["requests"].as_array().unwrap();
+    let ok = rows.iter().filter(|r| r["status"] == "COMPLETED" && r["error_type"].is_null()).count();
+    assert_eq!(ok, 24, "{v}");
+
+    // A comes back on its data folder: its old boot is reaped at once and it joins as a follower.
+    let a2 = gateway(da.path(), &url, &[]);
+    wait_leader(&a2, 0.0).await;
+    let id = a2.submit(json!({"echo": "again"})).await["request_id"].as_str().unwrap().to_string();
+    assert_eq!(a2.result(&id).await.1["echo"], "again");
+}
