@@ -62,6 +62,8 @@ pub enum StoreError {
     Duplicate(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Refused(String),
     #[error("idempotency key reused with a different request (first used by {0})")]
     IdempotencyMismatch(String),
 }

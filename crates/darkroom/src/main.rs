@@ -87,6 +87,19 @@ enum Command {
     },
     /// Print the error catalog (Markdown).
     Errors,
+    /// Copy a SQLite deployment (the data folder's database) into an empty PostgreSQL database, to run several
+    /// gateways on it. Stop `darkroom serve` first; then start each gateway with `--database-url` and the data
+    /// folder's server secret as DARKROOM_SERVER_SECRET.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    /// The PostgreSQL database to copy into (must hold no Darkroom deployment yet).
+    #[arg(long, value_name = "POSTGRES_URL")]
+    to: String,
 }
 
 #[derive(clap::Args)]
@@ -243,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())
             }
+            Command::Migrate(a) => migrate_cmd(a).await,
         }
     })
 }
@@ -435,3 +449,59 @@ pub fn check_no_auth(addr: &SocketAddr, no_auth: bool) -> anyhow::Result<()> {
 
 #[allow(dead_code)]
 fn _unused(_: Arc<()>) {}
+
+async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
+    use darkroom_store::sqlite::{Durability, SqliteStore};
+    let dir = std::path::absolute(&a.data.data_dir)?;
+    let db = dir.join("darkroom.db");
+    if !db.exists() {
+        bail!("no SQLite database at {}", db.display());
+    }
+    // Holding the data folder's lock: no `darkroom serve` is writing to it meanwhile.
+    let _lock = serve::lock_data_dir(&dir).context("stop `darkroom serve` on this data folder first")?;
+    let src = SqliteStore::open(&db, Durability::Full).await.context("opening the SQLite database")?;
+    let dst = darkroom_store::PgStore::connect(&a.to).await.context("connecting to PostgreSQL")?;
+    let counts = darkroom_store::migrate::count_rows(&src).await?;
+    let total: i64 = counts.iter().map(|(_, n)| n).sum();
+    let bar = indicatif::ProgressBar::new(total.max(0) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>20} [{bar:40}] {pos}/{len} rows ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut base = 0i64;
+    let mut current = String::new();
+    let mut last = 0i64;
+    let report = darkroom_store::migrate::sqlite_to_postgres(&src, &dst, now_ms(), |table, done| {
+        if table != current {
+            base += last;
+            current = table.to_string();
+        }
+        last = done;
+        bar.set_message(table.to_string());
+        bar.set_position((base + done) as u64);
+    })
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    src.close().await;
+    dst.close().await;
+    for (t, n) in &report.tables {
+        println!("{t:<20} {n:>10} rows");
+    }
+    if report.requeued + report.ended > 0 {
+        println!(
+            "recovered first: {} running requests back in the queue, {} open sync/stream requests ended",
+            report.requeued, report.ended
+        );
+    }
+    println!(
+        "\nDone. Start each gateway with:\n  DARKROOM_SERVER_SECRET=\"$(cat {})\" darkroom serve --database-url '<url>'",
+        dir.join("server.secret").display()
+    );
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

@@ -118,7 +118,7 @@ pub fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("serve.lock"))?;
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

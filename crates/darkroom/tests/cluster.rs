@@ -190,3 +190,63 @@ async fn the_leader_is_killed_and_replaced_and_no_job_is_lost_or_run_twice() {
     let id = a2.submit(json!({"echo": "again"})).await["request_id"].as_str().unwrap().to_string();
     assert_eq!(a2.result(&id).await.1["echo"], "again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_sqlite_deployment_to_postgres() {
+    let url = darkroom_store::testing::pg_url().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    let old_admin;
+    {
+        let s = Server::start(dir.path(), &[]);
+        s.wait_runners(1).await;
+        for i in 0..5 {
+            ids.push(s.submit(json!({"echo": i, "logs": ["hello"]})).await["request_id"].as_str().unwrap().to_string());
+        }
+        for id in &ids {
+            assert_eq!(s.result(id).await.0, 200);
+        }
+        old_admin = s.admin.clone();
+        // Dropping the server stops it (SIGTERM).
+    }
+    let bin = env!("CARGO_BIN_EXE_darkroom");
+    let out = std::process::Command::new(bin)
+        .args(["migrate", "--data-dir", dir.path().to_str().unwrap(), "--to", &url])
+        .env("DARKROOM_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("jobs") && l.trim_end().ends_with("5 rows")), "{stdout}");
+    // Into a database that already holds a deployment: refused.
+    let again = std::process::Command::new(bin)
+        .args(["migrate", "--data-dir", dir.path().to_str().unwrap(), "--to", &url])
+        .env("DARKROOM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("migrate into an empty one"));
+
+    // A gateway with another secret is refused with a message saying why.
+    let wrong = std::process::Command::new(bin)
+        .args(["serve", "--data-dir", tempfile::tempdir().unwrap().path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--no-local-runners", "--database-url", &url])
+        .env("DARKROOM_SERVER_SECRET", SECRET)
+        .env("DARKROOM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("same DARKROOM_SERVER_SECRET"));
+
+    // The same data folder on PostgreSQL, with its secret: history, keys and the queue carry on.
+    let secret = std::fs::read_to_string(dir.path().join("server.secret")).unwrap();
+    let s = Server::start_with_env(dir.path(), &["--database-url", &url], &[("DARKROOM_SERVER_SECRET", secret.trim())]);
+    assert_eq!(s.admin, old_admin);
+    for (i, id) in ids.iter().enumerate() {
+        let (code, out) = s.result(id).await;
+        assert_eq!((code, &out["echo"]), (200, &json!(i)));
+        assert_eq!(s.status(id).await["logs"][0]["message"], "hello");
+    }
+    let id = s.submit(json!({"echo": "after"})).await["request_id"].as_str().unwrap().to_string();
+    assert_eq!(s.result(&id).await.1["echo"], "after");
+}
