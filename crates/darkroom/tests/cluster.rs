@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 const SECRET: &str = "cluster-test-secret-0123456789abcdef0123456789";
 
 fn gateway(dir: &std::path::Path, url: &str, extra: &[&str]) -> Server {
-    let mut args = vec!["--database-url", url, "--heartbeat-ms", "200", "--lease-ms", "3000"];
+    let mut args = vec!["--database-url", url, "--heartbeat-ms", "300", "--lease-ms", "3000"];
     args.extend_from_slice(extra);
     Server::start_with_env(dir, &args, &[("DARKROOM_SERVER_SECRET", SECRET)])
 }
@@ -158,7 +158,7 @@ async fn the_leader_is_killed_and_replaced_and_no_job_is_lost_or_run_twice() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.kill9();
-    // B takes the lead (the lock died with A's connections) and reaps A after 10 silent heartbeats.
+    // B takes the lead (the lock died with A's connections) and reaps A after 10 silent heartbeats (3 s).
     wait_leader(&b, 1.0).await;
     let mut attempts = Vec::new();
     for (i, id) in ids.iter().enumerate() {
