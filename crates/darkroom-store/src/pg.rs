@@ -18,8 +18,13 @@ use crate::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// The channel every gateway listens on.
-const CHANNEL: &str = "darkroom_events";
+/// The channel every gateway of a deployment listens on; one per schema, so deployments (and tests) sharing a
+/// database never hear each other.
+fn channel_for(schema: &str) -> String {
+    let mut c = format!("darkroom:{schema}");
+    c.truncate(63);
+    c
+}
 
 const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
     max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
@@ -31,6 +36,7 @@ pub struct PgStore {
     opts: PgConnectOptions,
     /// Tells this store's own notifications from other gateways'.
     origin: String,
+    channel: String,
     events: broadcast::Sender<StoreEvent>,
     listener: Option<tokio::task::JoinHandle<()>>,
     /// The boot claims are recorded under.
@@ -263,7 +269,7 @@ async fn purge_in(c: &mut PgConnection, job_id: &str, now: Millis) -> StoreResul
 }
 
 /// Forwards other gateways' notifications to subscribers; reconnects (and keeps trying) when the connection drops.
-async fn listen(pool: PgPool, origin: String, tx: broadcast::Sender<StoreEvent>) {
+async fn listen(pool: PgPool, channel: String, origin: String, tx: broadcast::Sender<StoreEvent>) {
     loop {
         let mut l = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
@@ -273,7 +279,7 @@ async fn listen(pool: PgPool, origin: String, tx: broadcast::Sender<StoreEvent>)
                 continue;
             }
         };
-        if let Err(e) = l.listen(CHANNEL).await {
+        if let Err(e) = l.listen(&channel).await {
             tracing::warn!(error = %e, "store listener: LISTEN failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -314,12 +320,15 @@ impl PgStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         let origin = uuid::Uuid::new_v4().simple().to_string();
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::text").fetch_one(&pool).await?;
+        let channel = channel_for(&schema);
         let events = broadcast::channel(4096).0;
-        let listener = tokio::spawn(listen(pool.clone(), origin.clone(), events.clone()));
+        let listener = tokio::spawn(listen(pool.clone(), channel.clone(), origin.clone(), events.clone()));
         Ok(PgStore {
             pool,
             opts,
             origin,
+            channel,
             events,
             listener: Some(listener),
             boot: std::sync::Mutex::new(None),
@@ -335,7 +344,7 @@ impl PgStore {
     async fn commit(&self, mut tx: Transaction<'static, Postgres>, ev: Events) -> StoreResult<()> {
         for e in ev {
             let payload = serde_json::to_string(&Wire { o: self.origin.clone(), ev: e }).expect("events serialise");
-            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(&mut *tx).await?;
+            sqlx::query("SELECT pg_notify($1, $2)").bind(&self.channel).bind(payload).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
