@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::{APP, Server, pid_alive};
 use darkroom_core::protocol::{GatewayFrame, PROTOCOL_VERSION, RunnerFrame};
 use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -55,33 +55,7 @@ async fn kill9_scenario(args: &[&str], env: &[(&str, &str)]) {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
         other => panic!("old boot's token was not refused: {other:?}"),
     }
-    let mut attempts = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let (code, out) = s.result(id).await;
-        assert_eq!(code, 200, "{id}: {out}");
-        assert_eq!(out["echo"], json!(i));
-        attempts.push(out["attempt"].as_i64().unwrap());
-    }
-    assert!(attempts.contains(&2), "jobs running at the kill ran again: {attempts:?}");
-    assert!(attempts.iter().all(|a| *a <= 2), "{attempts:?}");
-    // Each request completed exactly once: all COMPLETED, and the store refuses second completions (conformance).
-    let v: Value = s
-        .http
-        .get(format!("{}/v1/requests?limit=100", s.url))
-        .header("authorization", s.auth())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let done = v["requests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["status"] == "COMPLETED" && r["error_type"].is_null())
-        .count();
-    assert_eq!(done, 20);
+    s.assert_all_ran_once_more_at_most(&ids).await;
 }
 
 async fn fake_runner(

@@ -171,6 +171,37 @@ impl Server {
         }
     }
 
+    /// After a crash: every request completed with its own echo, those running at the crash on a second attempt, and
+    /// each exactly once without error (the store refuses second completions: conformance).
+    pub async fn assert_all_ran_once_more_at_most(&self, ids: &[String]) {
+        let mut attempts = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (code, out) = self.result(id).await;
+            assert_eq!(code, 200, "{id}: {out}");
+            assert_eq!(out["echo"], serde_json::json!(i));
+            attempts.push(out["attempt"].as_i64().unwrap());
+        }
+        assert!(attempts.contains(&2), "jobs running at the crash ran again: {attempts:?}");
+        assert!(attempts.iter().all(|a| *a <= 2), "{attempts:?}");
+        let v: Value = self
+            .http
+            .get(format!("{}/v1/requests?limit=1000", self.url))
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ok = v["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["status"] == "COMPLETED" && r["error_type"].is_null())
+            .count();
+        assert_eq!(ok, ids.len(), "{v}");
+    }
+
     /// The value of a metric without labels, from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let text = self.http.get(format!("{}/metrics", self.url)).send().await.ok()?.text().await.ok()?;
