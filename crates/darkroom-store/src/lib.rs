@@ -121,6 +121,19 @@ pub struct BootReport {
     pub tokens_revoked: u64,
 }
 
+impl BootReport {
+    /// Counts attempts ended by a reaping or a restart.
+    pub fn record(&mut self, ended: Vec<(String, AttemptResult)>) {
+        for (id, res) in ended {
+            match res {
+                AttemptResult::Requeued => self.requeued.push(id),
+                AttemptResult::Completed => self.failed.push(id),
+                AttemptResult::Stale => {}
+            }
+        }
+    }
+}
+
 /// The result of ending an attempt that did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AttemptResult {

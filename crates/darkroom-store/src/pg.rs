@@ -210,13 +210,7 @@ async fn reap_in(
         .bind(boot_id)
         .fetch_all(&mut *c)
         .await?;
-    for (id, res) in fail_rows_in(c, ev, rows, now).await? {
-        match res {
-            AttemptResult::Requeued => report.requeued.push(id),
-            AttemptResult::Completed => report.failed.push(id),
-            AttemptResult::Stale => {}
-        }
-    }
+    report.record(fail_rows_in(c, ev, rows, now).await?);
     Ok(())
 }
 
@@ -414,13 +408,7 @@ impl Store for PgStore {
         let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq")
             .fetch_all(&mut *tx)
             .await?;
-        for (id, res) in fail_rows_in(&mut tx, &mut ev, rows, now).await? {
-            match res {
-                AttemptResult::Requeued => report.requeued.push(id),
-                AttemptResult::Completed => report.failed.push(id),
-                AttemptResult::Stale => {}
-            }
-        }
+        report.record(fail_rows_in(&mut tx, &mut ev, rows, now).await?);
         self.commit(tx, ev).await?;
         *self.boot.lock().unwrap() = Some(boot_id.to_string());
         Ok(report)

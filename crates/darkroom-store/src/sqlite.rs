@@ -227,13 +227,7 @@ async fn reap_in(c: &mut SqliteConnection, boot_id: &str, now: Millis, report: &
         .bind(boot_id)
         .fetch_all(&mut *c)
         .await?;
-    for (id, res) in fail_rows_in(c, rows, now).await? {
-        match res {
-            AttemptResult::Requeued => report.requeued.push(id),
-            AttemptResult::Completed => report.failed.push(id),
-            AttemptResult::Stale => {}
-        }
-    }
+    report.record(fail_rows_in(c, rows, now).await?);
     Ok(())
 }
 
