@@ -10,6 +10,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod diagnostics;
+pub mod files;
+pub mod image_utils;
+
+pub use files::{Fetched, File, FileError, FileIo, InlineFiles};
 
 /// What a model reports while it runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +34,10 @@ pub struct RunContext {
     /// Cancelled when the request is cancelled or its client went away.
     pub cancel: CancellationToken,
     events: mpsc::UnboundedSender<ModelEvent>,
+    /// Input fetching and output storage.
+    pub files: Arc<dyn FileIo>,
+    /// Return output files as data URIs instead of storing them (`sync_mode`, or `X-Fal-Store-IO: 0`).
+    pub inline_outputs: bool,
 }
 
 impl RunContext {
@@ -40,7 +48,44 @@ impl RunContext {
         cancel: CancellationToken,
         events: mpsc::UnboundedSender<ModelEvent>,
     ) -> Self {
-        RunContext { request_id, attempt, path, cancel, events }
+        RunContext { request_id, attempt, path, cancel, events, files: Arc::new(InlineFiles), inline_outputs: false }
+    }
+    /// Sets where input files come from and output files go.
+    pub fn with_files(mut self, files: Arc<dyn FileIo>, inline_outputs: bool) -> Self {
+        self.files = files;
+        self.inline_outputs = inline_outputs;
+        self
+    }
+    /// Fetches an input file (a data URI, a URL of Darkroom's storage, or an external http(s) URL). Failures are
+    /// the caller's fault and answer 422 naming `field`.
+    pub async fn fetch_input(&self, field: &str, url: &str) -> Result<Fetched, ModelError> {
+        self.files.fetch(url).await.map_err(|e| e.into_model_error(field))
+    }
+    /// Stores an output file and describes it in fal's shape; a data URI when outputs are inline.
+    pub async fn output_file(
+        &self,
+        data: bytes::Bytes,
+        content_type: &str,
+        file_name: &str,
+        dimensions: Option<(u32, u32)>,
+    ) -> Result<File, ModelError> {
+        let size = data.len() as u64;
+        let url = if self.inline_outputs {
+            files::data_uri(content_type, &data)
+        } else {
+            self.files.store(data, content_type, file_name).await.map_err(|e| {
+                tracing::error!(request_id = %self.request_id, error = %e, "output upload failed");
+                ModelError::App { status: 500, body: json!({"detail": format!("Could not store the output file: {e}")}) }
+            })?
+        };
+        Ok(File {
+            url,
+            content_type: content_type.into(),
+            file_name: file_name.into(),
+            file_size: size,
+            width: dimensions.map(|d| d.0),
+            height: dimensions.map(|d| d.1),
+        })
     }
     pub fn log(&self, level: &str, message: impl Into<String>) {
         let _ = self.events.send(ModelEvent::Log { level: level.into(), message: message.into() });
@@ -79,13 +124,14 @@ pub trait Model: Send + Sync + 'static {
 
 /// Every built-in model's app spec.
 pub fn builtin_specs() -> Vec<AppSpec> {
-    vec![diagnostics::Diagnostics.spec()]
+    vec![diagnostics::Diagnostics.spec(), image_utils::ImageUtils.spec()]
 }
 
 /// Loads a built-in model by app id.
 pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
     match app_id {
         diagnostics::APP_ID => Some(Arc::new(diagnostics::Diagnostics)),
+        image_utils::APP_ID => Some(Arc::new(image_utils::ImageUtils)),
         _ => None,
     }
 }

@@ -486,6 +486,57 @@ pub async fn settings_keep_their_first_value(s: &dyn Store) {
     assert_eq!(s.ensure_setting("other", "b").await.unwrap(), "b");
 }
 
+fn file(id: &str, owner: &str, state: &str, created_at: Millis, expires_at: Option<Millis>) -> FileRecord {
+    FileRecord {
+        id: id.into(),
+        owner_id: owner.into(),
+        file_name: "cat picture.png".into(),
+        content_type: "image/png".into(),
+        size: if state == "ready" { 10 } else { 0 },
+        state: state.into(),
+        public: false,
+        job_id: None,
+        created_at,
+        completed_at: None,
+        expires_at,
+    }
+}
+
+pub async fn files_are_recorded_listed_finished_and_expired(s: &dyn Store) {
+    s.insert_file(&file("f1", "a", "ready", 100, None)).await.unwrap();
+    s.insert_file(&file("f2", "a", "pending", 200, Some(10_000))).await.unwrap();
+    s.insert_file(&FileRecord { public: true, job_id: Some("j".into()), ..file("f3", "b", "ready", 300, Some(500)) })
+        .await
+        .unwrap();
+    assert!(s.insert_file(&file("f1", "a", "ready", 100, None)).await.is_err(), "ids are unique");
+    let f3 = s.get_file("f3").await.unwrap().unwrap();
+    assert!(f3.public && f3.is_ready());
+    assert_eq!(f3.job_id.as_deref(), Some("j"));
+    assert_eq!(s.get_file("nope").await.unwrap(), None);
+    // Only ready files are listed, newest (highest id) first, per owner, in pages.
+    let all = s.list_files(&FileFilter { limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(all.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["f3", "f1"]);
+    let mine = s.list_files(&FileFilter { owner_id: Some("a".into()), limit: 10, ..Default::default() }).await.unwrap();
+    assert_eq!(mine.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["f1"]);
+    let page = s.list_files(&FileFilter { before: Some("f3".into()), limit: 1, ..Default::default() }).await.unwrap();
+    assert_eq!(page.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["f1"]);
+    // Finishing happens once.
+    assert!(s.finish_file("f2", 42, 250).await.unwrap());
+    assert!(!s.finish_file("f2", 43, 260).await.unwrap());
+    let f2 = s.get_file("f2").await.unwrap().unwrap();
+    assert_eq!((f2.state.as_str(), f2.size, f2.completed_at), ("ready", 42, Some(250)));
+    // Expired: past expiry, or pending for too long.
+    s.insert_file(&file("f4", "a", "pending", 50, None)).await.unwrap();
+    let due = s.expired_files(400, 60, 10).await.unwrap();
+    assert_eq!(due.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["f4"]);
+    let due = s.expired_files(600, 60, 10).await.unwrap();
+    assert_eq!(due.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["f4", "f3"]);
+    assert_eq!(s.expired_files(20_000, 0, 10).await.unwrap().len(), 2, "f2 expires at 10000, f4 is not pending-old");
+    assert!(s.delete_file("f3").await.unwrap());
+    assert!(!s.delete_file("f3").await.unwrap());
+    assert_eq!(s.get_file("f3").await.unwrap(), None);
+}
+
 /// Many concurrent claimers: every job is claimed exactly once.
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
@@ -530,7 +581,7 @@ macro_rules! conformance_tests {
             the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
             a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
             payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
-            settings_keep_their_first_value);
+            settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -244,6 +244,42 @@ pub struct SigningKeyRecord {
     pub retired_at: Option<Millis>,
 }
 
+/// A file in object storage (an upload, or an app's output).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Time-ordered id (UUIDv7, hex); the object key is made from it.
+    pub id: String,
+    pub owner_id: String,
+    /// The name given at upload (display and download name only, never part of a key).
+    pub file_name: String,
+    pub content_type: String,
+    pub size: i64,
+    /// `pending` until its bytes are in, then `ready`.
+    pub state: String,
+    /// Readable without a signature.
+    pub public: bool,
+    /// The request whose output it is.
+    pub job_id: Option<String>,
+    pub created_at: Millis,
+    pub completed_at: Option<Millis>,
+    pub expires_at: Option<Millis>,
+}
+
+impl FileRecord {
+    pub fn is_ready(&self) -> bool {
+        self.state == "ready"
+    }
+}
+
+/// Which files to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct FileFilter {
+    pub owner_id: Option<String>,
+    /// Only files with an id below this (the previous page's last id).
+    pub before: Option<String>,
+    pub limit: i64,
+}
+
 /// Per-app counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppDepth {
@@ -379,4 +415,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>>;
     /// Adds a signing key; with `retire_others`, every other active key is retired at `now`.
     async fn insert_signing_key(&self, key: &SigningKeyRecord, retire_others: bool) -> StoreResult<()>;
+
+    /// Records a file (pending, or ready when its bytes are already stored).
+    async fn insert_file(&self, file: &FileRecord) -> StoreResult<()>;
+    async fn get_file(&self, id: &str) -> StoreResult<Option<FileRecord>>;
+    /// Marks a pending file ready with its size; false if it is not pending (already done, or gone).
+    async fn finish_file(&self, id: &str, size: i64, now: Millis) -> StoreResult<bool>;
+    async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>>;
+    async fn delete_file(&self, id: &str) -> StoreResult<bool>;
+    /// Files past their expiry, and uploads still pending since before `pending_before`, oldest first.
+    async fn expired_files(&self, now: Millis, pending_before: Millis, limit: i64) -> StoreResult<Vec<FileRecord>>;
 }

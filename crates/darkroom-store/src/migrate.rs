@@ -116,6 +116,22 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
     ),
     ("signing_keys", &[("kid", Text), ("secret", Text), ("created_at", Int), ("retired_at", Int)]),
     (
+        "files",
+        &[
+            ("id", Text),
+            ("owner_id", Text),
+            ("file_name", Text),
+            ("content_type", Text),
+            ("size", Int),
+            ("state", Text),
+            ("public", Bool),
+            ("job_id", Text),
+            ("created_at", Int),
+            ("completed_at", Int),
+            ("expires_at", Int),
+        ],
+    ),
+    (
         "idempotency_keys",
         &[("owner_id", Text), ("key", Text), ("job_id", Text), ("input_hash", Text), ("created_at", Int)],
     ),

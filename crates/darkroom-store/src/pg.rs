@@ -1108,4 +1108,80 @@ impl Store for PgStore {
         tx.commit().await?;
         Ok(())
     }
+
+    async fn insert_file(&self, f: &FileRecord) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO files (id, owner_id, file_name, content_type, size, state, public, job_id, created_at, \
+             completed_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&f.id)
+        .bind(&f.owner_id)
+        .bind(&f.file_name)
+        .bind(&f.content_type)
+        .bind(f.size)
+        .bind(&f.state)
+        .bind(f.public)
+        .bind(&f.job_id)
+        .bind(f.created_at)
+        .bind(f.completed_at)
+        .bind(f.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
+        let row = sqlx::query("SELECT * FROM files WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(|r| file_from_row!(r)).transpose()
+    }
+
+    async fn finish_file(&self, id: &str, size: i64, now: Millis) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query(
+            "UPDATE files SET state = 'ready', size = $1, completed_at = $2 WHERE id = $3 AND state = 'pending'",
+        )
+        .bind(size)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM files WHERE ($1 IS NULL OR owner_id = $1) AND ($2 IS NULL OR id < $2) \
+             AND state = 'ready' ORDER BY id DESC LIMIT $3",
+        )
+        .bind(&filter.owner_id)
+        .bind(&filter.before)
+        .bind(filter.limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| file_from_row!(r)).collect()
+    }
+
+    async fn delete_file(&self, id: &str) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("DELETE FROM files WHERE id = $1").bind(id).execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn expired_files(&self, now: Millis, pending_before: Millis, limit: i64) -> StoreResult<Vec<FileRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM files WHERE (expires_at IS NOT NULL AND expires_at <= $1) \
+             OR (state = 'pending' AND created_at < $2) ORDER BY created_at LIMIT $3",
+        )
+        .bind(now)
+        .bind(pending_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| file_from_row!(r)).collect()
+    }
 }

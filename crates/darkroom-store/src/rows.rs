@@ -157,3 +157,22 @@ macro_rules! depth_from_row {
         })
     }};
 }
+
+macro_rules! file_from_row {
+    ($r:expr) => {{
+        let r = $r;
+        Ok::<_, $crate::StoreError>($crate::FileRecord {
+            id: r.try_get("id")?,
+            owner_id: r.try_get("owner_id")?,
+            file_name: r.try_get("file_name")?,
+            content_type: r.try_get("content_type")?,
+            size: r.try_get("size")?,
+            state: r.try_get("state")?,
+            public: r.try_get("public")?,
+            job_id: r.try_get("job_id")?,
+            created_at: r.try_get("created_at")?,
+            completed_at: r.try_get("completed_at")?,
+            expires_at: r.try_get("expires_at")?,
+        })
+    }};
+}
