@@ -48,6 +48,20 @@ catalog! {
     MethodNotAllowed = (405, "method_not_allowed"),
     /// The body is larger than the server accepts.
     PayloadTooLarge = (413, "payload_too_large"),
+    /// The file does not exist, was deleted, or expired.
+    FileNotFound = (404, "file_not_found"),
+    /// The file URL's signature does not match (tampered, or signed by another server).
+    FileUrlInvalid = (403, "file_url_invalid"),
+    /// The file URL (or upload URL) is past its expiry: ask for a new one.
+    FileUrlExpired = (403, "file_url_expired"),
+    /// The file is larger than the server's `--max-file-size`.
+    FileTooLarge = (413, "file_too_large"),
+    /// The `Range` header asks for bytes the file does not have.
+    RangeNotSatisfiable = (416, "range_not_satisfiable"),
+    /// A multipart upload's parts are missing or do not match the parts listed at completion.
+    UploadIncomplete = (400, "upload_incomplete"),
+    /// The object store failed or could not be reached.
+    StorageUnavailable = (503, "storage_unavailable"),
     /// The result was asked for before the request completed.
     RequestNotCompleted = (400, "request_not_completed"),
     /// The request's input, result and logs were deleted (by its owner, or by retention).

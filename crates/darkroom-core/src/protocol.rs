@@ -62,7 +62,21 @@ pub enum GatewayFrame {
     /// Reply to hello.
     Welcome { runner_id: String, heartbeat_ms: u64, lease_ms: u64 },
     /// Run this job. `token` is the fencing token of this attempt.
-    Assign { job_id: String, token: i64, attempt: i64, app_id: String, path: String, mode: String, input: Value },
+    Assign {
+        job_id: String,
+        token: i64,
+        attempt: i64,
+        app_id: String,
+        path: String,
+        mode: String,
+        input: Value,
+        /// Return output files as data URIs (`sync_mode`, or `X-Fal-Store-IO: 0`) instead of storing them.
+        #[serde(default)]
+        inline_outputs: bool,
+        /// Bearer token for uploading this job's outputs (`POST /cdn/files/upload`), filed under its owner.
+        #[serde(default)]
+        upload_token: Option<String>,
+    },
     /// Stop this job.
     Cancel { job_id: String, token: i64 },
     /// A frame from the runner was refused (stale token, unknown job).

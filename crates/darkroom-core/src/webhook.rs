@@ -281,6 +281,34 @@ impl AddressPolicy {
         Ok(AddressPolicy { allow })
     }
 
+    /// Resolves a URL's host and picks an address this policy permits, to connect to pinned (so a second DNS
+    /// answer cannot redirect the request). Answers the domain (if the host is a name) and the address. `flag`
+    /// names the setting that allows private addresses, for the error message.
+    pub async fn resolve(&self, url: &url::Url, flag: &str) -> Result<(Option<String>, std::net::SocketAddr), String> {
+        use std::net::SocketAddr;
+        let port = url.port_or_known_default().ok_or("no port")?;
+        let host = url.host().ok_or("no host")?;
+        let addrs: Vec<SocketAddr> = match host {
+            url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
+            url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(ip), port)],
+            url::Host::Domain(d) => {
+                tokio::net::lookup_host((d, port)).await.map_err(|e| format!("DNS: {e}"))?.collect()
+            }
+        };
+        let domain = match host {
+            url::Host::Domain(d) => Some(d.to_string()),
+            _ => None,
+        };
+        match addrs.iter().find(|a| self.permits(a.ip())) {
+            Some(a) => Ok((domain, *a)),
+            None => Err(format!(
+                "refused: {} resolves only to private addresses ({}); allow them with {flag}",
+                url.host_str().unwrap_or(""),
+                addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
     /// The check at submit: a well-formed http(s) URL whose host, if a literal address, is permitted. Host names
     /// are checked when resolved at delivery.
     pub fn check_url(&self, raw: &str) -> Result<url::Url, String> {

@@ -170,6 +170,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/{owner}/{alias}/openapi.json", get(crate::openapi::root_app_openapi))
         .merge(crate::admin::router())
         .merge(crate::webhooks::router())
+        .merge(crate::files::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(gw.cfg.body_limit))

@@ -175,6 +175,8 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
             app_id: job.app_id.clone(),
             path: job.path.clone(),
             mode: job.mode.as_str().into(),
+            inline_outputs: !job.store_io || input.get("sync_mode").and_then(Value::as_bool).unwrap_or(false),
+            upload_token: Some(gw.job_upload_token(&job.id, &job.owner_id)),
             input,
         };
         let sent = {

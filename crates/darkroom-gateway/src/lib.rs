@@ -22,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -78,6 +79,14 @@ pub struct GatewayConfig {
     pub webhook_key_overlap: Duration,
     /// Sharing the store with other gateways (None: this gateway is the store's only one).
     pub cluster: Option<cluster::ClusterConfig>,
+    /// Object storage for files (None: process memory, for tests).
+    pub storage: Option<darkroom_storage::Storage>,
+    /// Largest file accepted (uploads, parts and outputs).
+    pub max_file_size: u64,
+    /// How long a signed file URL stays valid (never past the file's own expiry).
+    pub file_url_ttl: Duration,
+    /// Expiry of files whose upload asks for none (None: kept until deleted).
+    pub files_expire_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -118,6 +127,10 @@ impl Default for GatewayConfig {
             webhook_timeout: Duration::from_secs(15),
             webhook_key_overlap: Duration::from_secs(48 * 3600),
             cluster: None,
+            storage: None,
+            max_file_size: 2 << 30,
+            file_url_ttl: Duration::from_secs(7 * 24 * 3600),
+            files_expire_after: Some(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }
@@ -162,6 +175,9 @@ pub struct Gateway {
     /// Gateway-to-gateway credentials and client.
     pub cluster_token: String,
     pub cluster_http: reqwest::Client,
+    /// Where files live, and the key their URLs are signed with.
+    pub storage: darkroom_storage::Storage,
+    pub signer: darkroom_storage::Signer,
     pub(crate) router: OnceLock<Router>,
 }
 
@@ -208,7 +224,16 @@ impl Gateway {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let storage = match &cfg.storage {
+            Some(s) => s.clone(),
+            None => {
+                darkroom_storage::Storage::open(&darkroom_storage::StorageConfig::Memory).map_err(anyhow::Error::msg)?
+            }
+        };
+        let signer = darkroom_storage::Signer::from_server_secret(&cfg.server_secret);
         let gw = Arc::new(Gateway {
+            storage,
+            signer,
             cfg,
             store,
             clock,
@@ -425,6 +450,7 @@ impl Gateway {
     pub async fn run_sweeper(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last_purge = 0;
+        let mut last_file_sweep = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -458,6 +484,10 @@ impl Gateway {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "deadline expiry failed"),
+            }
+            if now - last_file_sweep >= 10_000 {
+                last_file_sweep = now;
+                self.sweep_files(now).await;
             }
             if let Some(keep) = self.cfg.retention
                 && now - last_purge >= 60_000

@@ -74,3 +74,14 @@ pub fn set_runner_states(runners: &[RunnerInfo]) {
 pub fn set_leader(leading: bool) {
     metrics::gauge!("darkroom_leader").set(if leading { 1.0 } else { 0.0 });
 }
+
+/// Bytes of a completed upload.
+pub fn file_uploaded(bytes: u64) {
+    metrics::counter!("darkroom_files_uploaded_total").increment(1);
+    metrics::counter!("darkroom_file_upload_bytes_total").increment(bytes);
+}
+
+/// Bytes a download is sending.
+pub fn file_downloaded(bytes: u64) {
+    metrics::counter!("darkroom_file_download_bytes_total").increment(bytes);
+}

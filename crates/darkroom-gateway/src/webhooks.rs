@@ -5,7 +5,6 @@
 //! only to an address the policy permits (pinned, so a second DNS answer cannot redirect it), follows no redirects,
 //! and records every attempt. Only 2xx counts. After the schedule's last attempt the delivery is dead-lettered.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,35 +87,12 @@ pub async fn run_dispatcher(gw: Arc<Gateway>) {
     }
 }
 
-/// Resolves the target and picks an address the policy permits.
-async fn resolve(gw: &Gateway, url: &url::Url) -> Result<(Option<String>, SocketAddr), String> {
-    let port = url.port_or_known_default().ok_or("no port")?;
-    let host = url.host().ok_or("no host")?;
-    let addrs: Vec<SocketAddr> = match host {
-        url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
-        url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(ip), port)],
-        url::Host::Domain(d) => tokio::net::lookup_host((d, port)).await.map_err(|e| format!("DNS: {e}"))?.collect(),
-    };
-    let domain = match host {
-        url::Host::Domain(d) => Some(d.to_string()),
-        _ => None,
-    };
-    match addrs.iter().find(|a| gw.cfg.webhook_policy.permits(a.ip())) {
-        Some(a) => Ok((domain, *a)),
-        None => Err(format!(
-            "refused: {} resolves only to private addresses ({}); allow them with --webhook-allow",
-            url.host_str().unwrap_or(""),
-            addrs.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ")
-        )),
-    }
-}
-
 async fn attempt(gw: &Gateway, d: &WebhookDelivery) -> (Option<i64>, Option<String>) {
     let url = match gw.cfg.webhook_policy.check_url(&d.url) {
         Ok(u) => u,
         Err(e) => return (None, Some(format!("refused: {e}"))),
     };
-    let (domain, addr) = match resolve(gw, &url).await {
+    let (domain, addr) = match gw.cfg.webhook_policy.resolve(&url, "--webhook-allow").await {
         Ok(x) => x,
         Err(e) => return (None, Some(e)),
     };

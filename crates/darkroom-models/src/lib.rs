@@ -75,7 +75,10 @@ impl RunContext {
         } else {
             self.files.store(data, content_type, file_name).await.map_err(|e| {
                 tracing::error!(request_id = %self.request_id, error = %e, "output upload failed");
-                ModelError::App { status: 500, body: json!({"detail": format!("Could not store the output file: {e}")}) }
+                ModelError::App {
+                    status: 500,
+                    body: json!({"detail": format!("Could not store the output file: {e}")}),
+                }
             })?
         };
         Ok(File {

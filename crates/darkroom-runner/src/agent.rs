@@ -28,6 +28,13 @@ pub struct RunnerConfig {
     pub parent_stdin: bool,
     /// Overrides the model's `max_multiplexing`.
     pub max_multiplexing: Option<u32>,
+    /// Which addresses input URLs may reach (private ones only through its allow-list).
+    pub fetch_policy: darkroom_core::webhook::AddressPolicy,
+    /// Largest input file a model may fetch.
+    pub max_input_size: u64,
+    /// The gateway's storage and file-URL key, when this runner shares them (local runners): inputs stored in
+    /// Darkroom are then read directly instead of over HTTP.
+    pub local_storage: Option<(darkroom_storage::Storage, darkroom_storage::Signer)>,
 }
 
 impl std::fmt::Debug for RunnerConfig {
@@ -71,9 +78,23 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
             }
         });
     }
+    let files = Arc::new(crate::files::FileSettings {
+        gateway: cfg.gateway.clone(),
+        gateway_http: reqwest::Client::builder()
+            .use_preconfigured_tls((*crate::tls::client_config(cfg.ca_cert.as_deref())?).clone())
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .build()?,
+        external_tls: crate::tls::client_config(None)?,
+        local: cfg.local_storage.clone(),
+        policy: cfg.fetch_policy.clone(),
+        max_input_size: cfg.max_input_size,
+        fetch_timeout: Duration::from_secs(120),
+    });
     let mut backoff = Duration::from_millis(200);
     loop {
-        match connect_and_serve(&cfg, model.clone()).await {
+        match connect_and_serve(&cfg, model.clone(), files.clone()).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => tracing::warn!(error = %e, "control channel lost"),
@@ -99,7 +120,11 @@ struct Running {
     cancel: CancellationToken,
 }
 
-async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow::Result<()> {
+async fn connect_and_serve(
+    cfg: &RunnerConfig,
+    model: Arc<dyn Model>,
+    files: Arc<crate::files::FileSettings>,
+) -> anyhow::Result<()> {
     let url = ws_url(&cfg.gateway)?;
     let mut req = url.as_str().into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {}", cfg.token).parse()?);
@@ -156,11 +181,13 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
                     Some(Err(e)) => break Err(e.into()),
                 };
                 match frame {
-                    GatewayFrame::Assign { job_id, token, attempt, path, input, .. } => {
+                    GatewayFrame::Assign { job_id, token, attempt, path, input, inline_outputs, upload_token, .. } => {
                         let cancel = CancellationToken::new();
                         jobs.insert(job_id.clone(), Running { token, cancel: cancel.clone() });
                         let _ = out_tx.send(RunnerFrame::Ack { job_id: job_id.clone(), token });
-                        tokio::spawn(execute(model.clone(), job_id, token, attempt, path, input, cancel, out_tx.clone()));
+                        let io = Arc::new(crate::files::JobFiles { settings: files.clone(), upload_token });
+                        let job = Job { job_id, token, attempt, path, input, inline_outputs, files: io };
+                        tokio::spawn(execute(model.clone(), job, cancel, out_tx.clone()));
                     }
                     GatewayFrame::Cancel { job_id, token } => {
                         if let Some(r) = jobs.get(&job_id)
@@ -200,19 +227,21 @@ async fn connect_and_serve(cfg: &RunnerConfig, model: Arc<dyn Model>) -> anyhow:
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn execute(
-    model: Arc<dyn Model>,
+/// One assignment.
+struct Job {
     job_id: String,
     token: i64,
     attempt: i64,
     path: String,
     input: serde_json::Value,
-    cancel: CancellationToken,
-    out: mpsc::UnboundedSender<RunnerFrame>,
-) {
+    inline_outputs: bool,
+    files: Arc<crate::files::JobFiles>,
+}
+
+async fn execute(model: Arc<dyn Model>, job: Job, cancel: CancellationToken, out: mpsc::UnboundedSender<RunnerFrame>) {
+    let Job { job_id, token, attempt, path, input, inline_outputs, files } = job;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let ctx = RunContext::new(job_id.clone(), attempt, path, cancel, ev_tx);
+    let ctx = RunContext::new(job_id.clone(), attempt, path, cancel, ev_tx).with_files(files, inline_outputs);
     let fwd = {
         let out = out.clone();
         let job_id = job_id.clone();

@@ -2,6 +2,7 @@
 //! (a WebSocket) open; see `darkroom_core::protocol`. [`local`] supervises runner processes on this machine.
 
 pub mod agent;
+pub mod files;
 pub mod local;
 pub mod tls;
 

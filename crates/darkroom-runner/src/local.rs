@@ -19,6 +19,8 @@ pub struct LocalRunnerSpec {
     pub ca_cert: Option<PathBuf>,
     /// Niceness added to runner processes (the gateway keeps priority).
     pub nice: i32,
+    /// Extra environment (storage settings; secrets stay out of the command line).
+    pub env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for LocalRunnerSpec {
@@ -33,6 +35,7 @@ fn command(spec: &LocalRunnerSpec) -> Command {
     if let Some(ca) = &spec.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     cmd.env("DARKROOM_RUNNER_TOKEN", &spec.token)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())

@@ -62,7 +62,9 @@ impl StorageConfig {
             return Ok(StorageConfig::Local(PathBuf::from(p)));
         }
         if s.contains("://") {
-            return Err(format!("unsupported storage '{s}': use a folder path, file:///path or s3://bucket?endpoint=…"));
+            return Err(format!(
+                "unsupported storage '{s}': use a folder path, file:///path or s3://bucket?endpoint=…"
+            ));
         }
         Ok(StorageConfig::Local(PathBuf::from(s)))
     }

@@ -119,8 +119,7 @@ impl Signer {
         let (Some(id), Some(exp), Some(sig), None) = (it.next(), it.next(), it.next(), it.next()) else {
             return Err(SignError::Malformed);
         };
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(SignError::Malformed);
         }
         let exp_n: i64 = exp.parse().map_err(|_| SignError::Malformed)?;
@@ -159,8 +158,8 @@ impl Signer {
         if given.len() != want.len() || !bool::from(given.ct_eq(&want)) {
             return Err(SignError::BadSignature);
         }
-        let claims: TokenClaims =
-            serde_json::from_slice(&B64.decode(payload).map_err(|_| SignError::Malformed)?).map_err(|_| SignError::Malformed)?;
+        let claims: TokenClaims = serde_json::from_slice(&B64.decode(payload).map_err(|_| SignError::Malformed)?)
+            .map_err(|_| SignError::Malformed)?;
         if claims.exp < now_s {
             return Err(SignError::Expired);
         }

@@ -54,8 +54,7 @@ async fn contract(s: Storage) {
     assert_eq!(parts[0].1.etag, p0.etag);
     assert_eq!(parts[1].1.etag, p1.etag);
     assert!(!p0.etag.is_empty());
-    let joined =
-        s.concat(&[part_key("up", 1), part_key("up", 2)], &object_key("joined")).await.unwrap();
+    let joined = s.concat(&[part_key("up", 1), part_key("up", 2)], &object_key("joined")).await.unwrap();
     assert_eq!(joined.size, (6 << 20) + 5);
     let got = collect(&s, &object_key("joined"), None).await.unwrap();
     assert_eq!(&got[..6 << 20], &big[..6 << 20]);

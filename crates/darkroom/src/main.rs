@@ -122,6 +122,16 @@ struct RunnerArgs {
     /// Requests served at once (defaults to the app's max_multiplexing).
     #[arg(long, env = "DARKROOM_MAX_MULTIPLEXING")]
     max_multiplexing: Option<u32>,
+    /// Private addresses apps may fetch input URLs from anyway: comma-separated CIDRs or addresses.
+    #[arg(long, env = "DARKROOM_FETCH_ALLOW", default_value = "")]
+    fetch_allow: String,
+    /// Largest input file an app fetches, in bytes.
+    #[arg(long, env = "DARKROOM_MAX_INPUT_SIZE", default_value_t = 512 << 20)]
+    max_input_size: u64,
+    /// The gateway's storage, when this runner shares it (set by `darkroom serve` for its own runners, with
+    /// DARKROOM_FILES_KEY): stored inputs are then read directly rather than through the gateway.
+    #[arg(long, env = "DARKROOM_STORAGE", hide_env_values = true, hide = true)]
+    storage: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -228,6 +238,20 @@ fn main() -> anyhow::Result<()> {
                     ca_cert: a.ca_cert,
                     parent_stdin: a.parent_stdin,
                     max_multiplexing: a.max_multiplexing,
+                    fetch_policy: darkroom_core::webhook::AddressPolicy::parse(&a.fetch_allow)
+                        .map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?,
+                    max_input_size: a.max_input_size,
+                    local_storage: match (&a.storage, std::env::var("DARKROOM_FILES_KEY").ok()) {
+                        (Some(s), Some(k)) => Some((
+                            darkroom_storage::Storage::open(
+                                &darkroom_storage::StorageConfig::parse(s).map_err(anyhow::Error::msg)?,
+                            )
+                            .map_err(anyhow::Error::msg)?,
+                            darkroom_storage::Signer::from_key_hex(&k)
+                                .ok_or_else(|| anyhow::anyhow!("DARKROOM_FILES_KEY is not a 64-digit hex key"))?,
+                        )),
+                        _ => None,
+                    },
                 })
                 .await
             }

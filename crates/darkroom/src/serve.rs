@@ -101,6 +101,25 @@ pub struct ServeArgs {
     /// Hours a rotated-out signing key stays published in the JWKS.
     #[arg(long, env = "DARKROOM_WEBHOOK_KEY_OVERLAP_HOURS", default_value_t = 48)]
     pub webhook_key_overlap_hours: u64,
+    /// Where files live: a folder, or an S3-compatible bucket (`s3://BUCKET?endpoint=http://host:port&region=…`,
+    /// credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Default: `objects/` in the data folder.
+    #[arg(long, env = "DARKROOM_STORAGE", hide_env_values = true)]
+    pub storage: Option<String>,
+    /// Largest file accepted (uploads and outputs), in bytes.
+    #[arg(long, env = "DARKROOM_MAX_FILE_SIZE", default_value_t = 2 << 30)]
+    pub max_file_size: u64,
+    /// Seconds a signed file URL stays valid (never past the file's own expiry).
+    #[arg(long, env = "DARKROOM_FILE_URL_TTL_SECS", default_value_t = 7 * 86_400)]
+    pub file_url_ttl_secs: u64,
+    /// Days until a file expires when its upload asks for no expiry (X-Fal-Object-Lifecycle-Preference); 0: never.
+    #[arg(long, env = "DARKROOM_FILES_EXPIRE_DAYS", default_value_t = 30)]
+    pub files_expire_days: u64,
+    /// Private addresses that apps may fetch input URLs from anyway: comma-separated CIDRs or addresses.
+    #[arg(long, env = "DARKROOM_FETCH_ALLOW", default_value = "")]
+    pub fetch_allow: String,
+    /// Largest input file an app fetches (data URI, stored file or URL), in bytes.
+    #[arg(long, env = "DARKROOM_MAX_INPUT_SIZE", default_value_t = 512 << 20)]
+    pub max_input_size: u64,
     /// Do not start local runner processes for the built-in apps (runners join with `darkroom runner`).
     #[arg(long, env = "DARKROOM_NO_LOCAL_RUNNERS")]
     pub no_local_runners: bool,
@@ -209,6 +228,13 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let tls_config = tls_files.as_ref().map(|t| darkroom_gateway::tls::server_config(&t.cert, &t.key)).transpose()?;
 
+    let storage_spec = a.storage.clone().unwrap_or_else(|| dir.join("objects").display().to_string());
+    let storage = darkroom_storage::Storage::open(
+        &darkroom_storage::StorageConfig::parse(&storage_spec).map_err(|e| anyhow::anyhow!("--storage: {e}"))?,
+    )
+    .map_err(|e| anyhow::anyhow!("--storage: {e}"))?;
+    darkroom_core::webhook::AddressPolicy::parse(&a.fetch_allow).map_err(|e| anyhow::anyhow!("--fetch-allow: {e}"))?;
+    tracing::info!(storage = storage.describe(), "files");
     let cfg = GatewayConfig {
         public_url: a.public_url.clone(),
         tls: a.tls,
@@ -236,6 +262,11 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         webhook_timeout: std::time::Duration::from_millis(a.webhook_timeout_ms.max(1)),
         webhook_key_overlap: std::time::Duration::from_secs(a.webhook_key_overlap_hours * 3600),
         cluster,
+        storage: Some(storage.clone()),
+        max_file_size: a.max_file_size,
+        file_url_ttl: std::time::Duration::from_secs(a.file_url_ttl_secs.max(60)),
+        files_expire_after: (a.files_expire_days > 0)
+            .then(|| std::time::Duration::from_secs(a.files_expire_days * 86_400)),
         ..GatewayConfig::default()
     };
     let apps = darkroom_models::builtin_specs();
@@ -287,6 +318,13 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 token,
                 ca_cert: tls_files.as_ref().and_then(|t| t.ca_cert.clone()),
                 nice: 10,
+                // Local runners share the storage and read stored inputs directly.
+                env: vec![
+                    ("DARKROOM_STORAGE".into(), storage_spec.clone()),
+                    ("DARKROOM_FILES_KEY".into(), gw.signer.key_hex()),
+                    ("DARKROOM_FETCH_ALLOW".into(), a.fetch_allow.clone()),
+                    ("DARKROOM_MAX_INPUT_SIZE".into(), a.max_input_size.to_string()),
+                ],
             };
             supervisors.push(tokio::spawn(darkroom_runner::local::supervise(spec, runners_shutdown.clone())));
         }
