@@ -226,6 +226,8 @@ fn init_tracing(filter: &str, format: &str) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log, &cli.log_format);
+    // One TLS provider for every client the process builds, including the object store's (S3).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
