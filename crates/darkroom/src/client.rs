@@ -20,6 +20,8 @@ pub struct ServerInfo {
 pub struct Client {
     pub info: ServerInfo,
     http: reqwest::Client,
+    /// For uploads and downloads: no overall timeout, only on connecting.
+    pub transfer: reqwest::Client,
     key: String,
 }
 
@@ -38,10 +40,19 @@ impl Client {
             .no_proxy()
             .timeout(std::time::Duration::from_secs(30))
             .build()?;
-        Ok(Client { info, http, key })
+        let transfer = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .no_proxy()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        Ok(Client { info, http, transfer, key })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn authorization(&self) -> String {
+        format!("Key {}", self.key)
+    }
+
+    pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.info.url.trim_end_matches('/'), path)
     }
 

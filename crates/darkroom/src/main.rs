@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 mod client;
+mod files_cmd;
 mod serve;
 
 #[derive(Parser)]
@@ -77,6 +78,13 @@ enum Command {
         data: DataDirArg,
         #[command(subcommand)]
         command: RequestsCommand,
+    },
+    /// Files in the server's storage: upload (prints a signed URL), list, download, delete.
+    Files {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: files_cmd::FilesCommand,
     },
     /// Webhook deliveries: the delivery log, manual redelivery, signing-key rotation.
     Webhooks {
@@ -278,6 +286,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Requests { data, command } => requests_cmd(&data.data_dir, command).await,
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
+            Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())
@@ -323,6 +332,12 @@ async fn env_cmd(a: EnvArgs) -> anyhow::Result<()> {
         println!("# Without --tls the Python client cannot connect (it always uses https); the JS recipe below works.");
     }
     let base = info.url.trim_end_matches('/');
+    println!("#");
+    println!(
+        "# Python uploads (fal_client.upload, upload_file, upload_image) need two lines after `import fal_client`:"
+    );
+    println!("#   fal_client.client.REST_URL = \"{base}/rest\"");
+    println!("#   fal_client.client.CDN_URL = \"{base}/cdn\"");
     println!("#");
     println!("# JavaScript (@fal-ai/client), with FAL_KEY from the environment:");
     println!("#   import {{ createFalClient }} from \"@fal-ai/client\";");

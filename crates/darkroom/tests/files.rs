@@ -220,3 +220,41 @@ async fn a_remote_runner_reads_stored_inputs_through_the_gateway() {
     let r = s.http.get(out["image"]["url"].as_str().unwrap()).send().await.unwrap();
     assert_eq!(image::load_from_memory(&r.bytes().await.unwrap()).unwrap().width(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_cli_uploads_lists_downloads_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--tls"]);
+    let d = dir.path().to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_darkroom")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("clip data.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let (ok, url, err) = cli(&["files", "upload", "--data-dir", d, src.to_str().unwrap(), "--expires-in", "3600"]);
+    assert!(ok, "{err}");
+    let url = url.trim();
+    assert!(url.ends_with("/clip%20data.bin"), "{url}");
+    assert_eq!(s.http.get(url).send().await.unwrap().bytes().await.unwrap().len(), data.len());
+    let (ok, ls, err) = cli(&["files", "ls", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let line = ls.lines().find(|l| l.ends_with("clip data.bin")).unwrap_or_else(|| panic!("{ls}"));
+    assert!(line.contains("3000000") && line.contains("application/octet-stream"), "{line}");
+    let id = line.split_whitespace().next().unwrap().to_string();
+    let dest = work.path().join("back.bin");
+    let (ok, _, err) = cli(&["files", "get", "--data-dir", d, &id, "-o", dest.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&dest).unwrap() == data);
+    let (ok, _, err) = cli(&["files", "rm", "--data-dir", d, &id]);
+    assert!(ok, "{err}");
+    assert_eq!(s.http.get(url).send().await.unwrap().status(), 404);
+    let (ok, _, err) = cli(&["files", "get", "--data-dir", d, &id]);
+    assert!(!ok && err.contains("file_not_found"), "{err}");
+}
