@@ -11,23 +11,16 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync } from "node:child_process";
-import fs from "node:fs";
-import os from "node:os";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO_ROOT = path.resolve(HERE, "..", "..", "..");
-const DARKROOM_BIN =
-  process.env.DARKROOM_BIN || path.join(REPO_ROOT, "target", "debug", "darkroom");
+import { falRewriter, startDarkroom } from "./server.mjs";
+
+export { parseEnvOutput } from "./server.mjs";
 
 const APP = "darkroom/diagnostics";
 const MISSING_APP = "darkroom/no-such-app-compat";
-const STARTUP_TIMEOUT_MS = 30_000;
 const T = { timeout: 30_000 }; // per-test bound
 const COMPLETE_WITHIN_MS = 20_000;
 
@@ -35,134 +28,14 @@ const COMPLETE_WITHIN_MS = 20_000;
 // Server lifecycle
 // ---------------------------------------------------------------------------
 
-let server = null; // { child, dataDir, logPath, info, env, base, key }
+let server = null; // { child, dataDir, logPath, info, env, base, key, logTail, stop } (server.mjs)
 let fal = null; // J1 client (requestMiddleware)
 let proxied = null; // J2 client (proxyUrl)
 
-/** Minimal POSIX-shell unquoting for `NAME='value'` (handles '...', "...", \x). */
-function shellUnquote(s) {
-  let out = "";
-  for (let i = 0; i < s.length; i++) {
-    const c = s[i];
-    if (c === "'") {
-      const j = s.indexOf("'", i + 1);
-      if (j < 0) throw new Error(`unterminated ' in ${s}`);
-      out += s.slice(i + 1, j);
-      i = j;
-    } else if (c === '"') {
-      i++;
-      while (i < s.length && s[i] !== '"') {
-        if (s[i] === "\\" && i + 1 < s.length) i++;
-        out += s[i++];
-      }
-      if (i >= s.length) throw new Error(`unterminated " in ${s}`);
-    } else if (c === "\\" && i + 1 < s.length) {
-      out += s[++i];
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-export function parseEnvOutput(text) {
-  const env = {};
-  for (const raw of text.split("\n")) {
-    const line = raw.trim();
-    if (!line || line.startsWith("#")) continue;
-    const m = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$/.exec(line);
-    if (!m) throw new Error(`unexpected line in \`darkroom env\` output: ${raw}`);
-    env[m[1]] = shellUnquote(m[2]);
-  }
-  return env;
-}
-
-function logTail(n = 60) {
-  try {
-    return fs.readFileSync(server.logPath, "utf8").split("\n").slice(-n).join("\n");
-  } catch {
-    return "<no server log>";
-  }
-}
-
-async function stopServer() {
-  if (!server?.child || server.child.exitCode !== null || server.child.signalCode) return;
-  const exited = new Promise((r) => server.child.once("exit", r));
-  server.child.kill("SIGTERM");
-  const t = setTimeout(() => server.child.kill("SIGKILL"), 10_000);
-  await exited;
-  clearTimeout(t);
-}
-
 before(async () => {
-  if (!fs.existsSync(DARKROOM_BIN)) {
-    throw new Error(`darkroom binary not found at ${DARKROOM_BIN} (set DARKROOM_BIN)`);
-  }
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "darkroom-compat-js-"));
-  const dataDir = path.join(tmp, "data");
-  fs.mkdirSync(dataDir);
-  const logPath = path.join(tmp, "server.log");
-  const logFd = fs.openSync(logPath, "w");
-  const child = spawn(
-    DARKROOM_BIN,
-    ["serve", "--data-dir", dataDir, "--listen", "127.0.0.1:0"],
-    { stdio: ["ignore", logFd, logFd] },
-  );
-  fs.closeSync(logFd);
-  server = { child, dataDir, logPath };
-  process.on("exit", () => {
-    if (child.exitCode === null && !child.signalCode) child.kill("SIGKILL");
-  });
-
-  const infoPath = path.join(dataDir, "server.json");
-  const deadline = Date.now() + STARTUP_TIMEOUT_MS;
-  let info = null;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null || child.signalCode) {
-      throw new Error(`darkroom serve exited early (${child.exitCode ?? child.signalCode})\n${logTail()}`);
-    }
-    if (fs.existsSync(infoPath)) {
-      try {
-        info = JSON.parse(fs.readFileSync(infoPath, "utf8"));
-        break;
-      } catch {
-        /* still being written */
-      }
-    }
-    await sleep(50);
-  }
-  if (!info) {
-    await stopServer();
-    throw new Error(`${infoPath} did not appear within ${STARTUP_TIMEOUT_MS} ms\n${logTail()}`);
-  }
-
-  let envText;
-  try {
-    envText = execFileSync(DARKROOM_BIN, ["env", "--data-dir", dataDir], {
-      encoding: "utf8",
-      timeout: 30_000,
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-  } catch (e) {
-    await stopServer();
-    throw new Error(`\`darkroom env\` failed: ${e.message}\n${e.stderr ?? ""}`);
-  }
-  const env = parseEnvOutput(envText);
-  if (!env.FAL_KEY) {
-    await stopServer();
-    throw new Error(`\`darkroom env\` printed no FAL_KEY:\n${envText}`);
-  }
-  server.info = info;
-  server.env = env;
-  server.base = String(info.url).replace(/\/$/, "");
-  server.key = env.FAL_KEY;
-
+  server = await startDarkroom();
   const BASE = server.base;
-  const rewrite = (u) =>
-    u
-      .replace(/^https:\/\/queue\.fal\.run\//, `${BASE}/queue/`)
-      .replace(/^https:\/\/fal\.run\//, `${BASE}/run/`)
-      .replace(/^https:\/\/rest\.fal\.ai\//, `${BASE}/rest/`);
+  const rewrite = falRewriter(BASE);
 
   // Recipe J1.
   fal = createFalClient({
@@ -177,7 +50,7 @@ before(async () => {
 });
 
 after(async () => {
-  await stopServer();
+  await server?.stop();
 });
 
 // ---------------------------------------------------------------------------

