@@ -160,6 +160,8 @@ impl Storage {
                 let dir = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| format!("{}: {e}", dir.display()))?;
+                // Reads in 1 MiB chunks rather than the crate's default 8 KiB: fewer syscalls and frames.
+                let fs = object_store::chunked::ChunkedStore::new(Arc::new(fs), 1 << 20);
                 Ok(Storage {
                     store: Arc::new(fs),
                     describe: format!("local folder {}", dir.display()),
