@@ -43,7 +43,8 @@ const MAX_PARTS: u32 = 10_000;
 pub fn router() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/rest/storage/upload/initiate", post(initiate))
-        .route("/rest/storage/upload/initiate-multipart", post(initiate_multipart))
+        // Both flows start the same way: a pending file and a PUT capability (parts are PUT under it).
+        .route("/rest/storage/upload/initiate-multipart", post(initiate))
         .route("/rest/storage/auth/token", post(cdn_token))
         .route("/cdn/{*rest}", axum::routing::any(cdn))
         .route("/v1/files", get(list_files))
@@ -264,12 +265,18 @@ fn new_file(up: &Uploader, name: String, content_type: String, gw: &Gateway, lc:
     }
 }
 
-async fn initiate_common(gw: &Arc<Gateway>, headers: &HeaderMap, routed: &Routed, body: &[u8]) -> ApiResult<Response> {
+async fn initiate(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    routed: Routed,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let (gw, headers, routed) = (&gw, &headers, &routed);
     let up = gw.uploader(headers).await?;
     let req: Initiate = if body.iter().all(u8::is_ascii_whitespace) {
         Initiate::default()
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiErr(darkroom_core::app::json_decode_error(&e.to_string())))?
+        serde_json::from_slice(&body).map_err(|e| ApiErr(darkroom_core::app::json_decode_error(&e.to_string())))?
     };
     let ct = clean_content_type(req.content_type.as_deref());
     let name = clean_file_name(req.file_name.as_deref(), &ct);
@@ -282,24 +289,6 @@ async fn initiate_common(gw: &Arc<Gateway>, headers: &HeaderMap, routed: &Routed
         &json!({"upload_url": format!("{base}/upload/{put}"), "file_url": gw.file_url(&base, &f)}),
         None,
     ))
-}
-
-async fn initiate(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    routed: Routed,
-    body: axum::body::Bytes,
-) -> ApiResult<Response> {
-    initiate_common(&gw, &headers, &routed, &body).await
-}
-
-async fn initiate_multipart(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    routed: Routed,
-    body: axum::body::Bytes,
-) -> ApiResult<Response> {
-    initiate_common(&gw, &headers, &routed, &body).await
 }
 
 async fn cdn_token(State(gw): State<Arc<Gateway>>, headers: HeaderMap, routed: Routed) -> ApiResult<Response> {
@@ -338,7 +327,7 @@ async fn cdn_inner(gw: Arc<Gateway>, routed: Routed, req: Request) -> ApiResult<
         (&Method::POST, ["files", "upload"]) => python_upload(&gw, &headers, &base, req).await,
         (&Method::POST, ["files", "upload", "multipart"]) => python_multipart(&gw, &headers, &base).await,
         // Single PUT (JS, Python fallback), and parts and completion addressed from the upload URL (JS).
-        (&Method::PUT, ["upload", cap]) => put_whole(&gw, cap, &headers, &base, req).await,
+        (&Method::PUT, ["upload", cap]) => put_whole(&gw, cap, &base, req).await,
         (&Method::PUT, ["upload", cap, n]) => put_part(&gw, cap, n, req).await,
         (&Method::POST, ["upload", cap, "complete"]) => complete(&gw, cap, &base, req).await,
         // Parts and completion addressed from the file URL (Python).
@@ -408,7 +397,7 @@ async fn pending_file(gw: &Gateway, cap: &str) -> ApiResult<FileRecord> {
     }
 }
 
-async fn put_whole(gw: &Arc<Gateway>, cap: &str, headers: &HeaderMap, base: &str, req: Request) -> ApiResult<Response> {
+async fn put_whole(gw: &Arc<Gateway>, cap: &str, base: &str, req: Request) -> ApiResult<Response> {
     let mut f = pending_file(gw, cap).await?;
     let w =
         gw.storage.put_stream(&object_key(&f.id), body_stream(req), gw.cfg.max_file_size).await.map_err(storage_err)?;
@@ -417,8 +406,6 @@ async fn put_whole(gw: &Arc<Gateway>, cap: &str, headers: &HeaderMap, base: &str
     }
     crate::metrics::file_uploaded(w.size);
     f.size = w.size as i64;
-    // The PUT's own content type wins over the one given at initiate, as on S3.
-    let _ = headers;
     let url = gw.file_url(base, &f);
     Ok(json_response(StatusCode::OK, &file_json(&f, &url, None), None))
 }

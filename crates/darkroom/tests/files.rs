@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::Server;
 use darkroom_storage::testing::SeaweedFs;
 use serde_json::{Value, json};
@@ -49,33 +47,8 @@ async fn run(s: &Server, input: Value) -> (u16, Value) {
         .json()
         .await
         .unwrap();
-    let id = sub["request_id"].as_str().unwrap_or_else(|| panic!("{sub}")).to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st: Value = s
-            .http
-            .get(format!("{}/queue/{IMG}/requests/{id}/status", s.url))
-            .header("authorization", s.auth())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if st["status"] == "COMPLETED" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{id} did not complete: {st}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let r = s
-        .http
-        .get(format!("{}/queue/{IMG}/requests/{id}", s.url))
-        .header("authorization", s.auth())
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    let id = sub["request_id"].as_str().unwrap_or_else(|| panic!("{sub}"));
+    s.result_in(IMG, id).await
 }
 
 async fn round_trip(s: &Server) {

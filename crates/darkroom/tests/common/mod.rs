@@ -127,8 +127,13 @@ impl Server {
     }
 
     pub async fn status(&self, id: &str) -> Value {
+        self.status_in(APP, id).await
+    }
+
+    /// The status (with logs) of a request to `app`.
+    pub async fn status_in(&self, app: &str, id: &str) -> Value {
         self.http
-            .get(format!("{}/queue/{APP}/requests/{id}/status?logs=1", self.url))
+            .get(format!("{}/queue/{app}/requests/{id}/status?logs=1", self.url))
             .header("authorization", self.auth())
             .send()
             .await
@@ -140,9 +145,14 @@ impl Server {
 
     /// Waits (bounded) until the request is COMPLETED, then returns (status code, body) of its result.
     pub async fn result(&self, id: &str) -> (u16, Value) {
+        self.result_in(APP, id).await
+    }
+
+    /// [`Server::result`] for a request to `app`.
+    pub async fn result_in(&self, app: &str, id: &str) -> (u16, Value) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let s = self.status(id).await;
+            let s = self.status_in(app, id).await;
             if s["status"] == "COMPLETED" {
                 break;
             }
@@ -151,7 +161,7 @@ impl Server {
         }
         let r = self
             .http
-            .get(format!("{}/queue/{APP}/requests/{id}", self.url))
+            .get(format!("{}/queue/{app}/requests/{id}", self.url))
             .header("authorization", self.auth())
             .send()
             .await
