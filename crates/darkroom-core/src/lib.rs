@@ -9,6 +9,7 @@ pub mod job;
 pub mod json;
 pub mod protocol;
 pub mod route;
+pub mod scaling;
 pub mod tls;
 pub mod webhook;
 
