@@ -186,6 +186,8 @@ pub struct JobRecord {
     pub inference_ms: Option<i64>,
     /// When the input, result and logs were deleted (by their owner or by retention).
     pub payload_deleted_at: Option<Millis>,
+    /// How long the request waited for a runner to start (a cold start); None if a runner was ready.
+    pub cold_start_ms: Option<i64>,
 }
 
 impl JobRecord {

@@ -280,8 +280,8 @@ pub async fn listing_and_depths(s: &dyn Store) {
     assert_eq!(
         s.app_depths().await.unwrap(),
         vec![
-            AppDepth { app_id: "app".into(), queued: 1, running: 1 },
-            AppDepth { app_id: "app2".into(), queued: 1, running: 0 }
+            AppDepth { app_id: "app".into(), queued: 1, running: 1, oldest_queued_at: Some(1_000) },
+            AppDepth { app_id: "app2".into(), queued: 1, running: 0, oldest_queued_at: Some(1_000) }
         ]
     );
     assert_eq!(s.count_queued_for_key("key-a", priority::NORMAL).await.unwrap(), 2);
@@ -568,6 +568,28 @@ pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     assert_eq!(all.len(), 60);
 }
 
+pub async fn scaling_overrides_and_cold_starts_are_kept(s: &dyn Store) {
+    assert!(s.list_app_scaling().await.unwrap().is_empty());
+    s.set_app_scaling("o/a", Some(r#"{"min_concurrency":1}"#), 10).await.unwrap();
+    s.set_app_scaling("o/b", Some(r#"{"keep_alive":5}"#), 10).await.unwrap();
+    s.set_app_scaling("o/a", Some(r#"{"max_concurrency":3}"#), 20).await.unwrap();
+    let all = s.list_app_scaling().await.unwrap();
+    assert_eq!(all, vec![("o/a".into(), r#"{"max_concurrency":3}"#.into()), ("o/b".into(), r#"{"keep_alive":5}"#.into())]);
+    s.set_app_scaling("o/b", None, 30).await.unwrap();
+    s.set_app_scaling("o/none", None, 30).await.unwrap();
+    assert_eq!(s.list_app_scaling().await.unwrap().len(), 1);
+
+    s.enqueue(&job("j1", "o/a")).await.unwrap();
+    s.enqueue(&NewJob { created_at: 900, ..job("j0", "o/a") }).await.unwrap();
+    let d = s.app_depths().await.unwrap();
+    assert_eq!((d[0].queued, d[0].oldest_queued_at), (2, Some(900)));
+    let c = s.claim("j1", "r1", 5_000, 1_100).await.unwrap().unwrap();
+    assert!(!s.set_cold_start("j1", c.attempts + 1, 40).await.unwrap(), "stale token");
+    assert!(s.set_cold_start("j1", c.attempts, 40).await.unwrap());
+    assert_eq!(s.get_job("j1").await.unwrap().unwrap().cold_start_ms, Some(40));
+    assert_eq!(s.get_job("j0").await.unwrap().unwrap().cold_start_ms, None);
+}
+
 /// Generates one `#[tokio::test]` per conformance check, given an async expression producing an
 /// `Arc<dyn Store>` that is fresh and empty each time.
 #[macro_export]
@@ -581,7 +603,8 @@ macro_rules! conformance_tests {
             the_webhook_outbox_is_written_with_the_completion, webhook_deliveries_are_leased_retried_and_dead_lettered,
             a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
             payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
-            settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired);
+            settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired,
+            scaling_overrides_and_cold_starts_are_kept);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

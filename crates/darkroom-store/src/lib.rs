@@ -286,6 +286,8 @@ pub struct AppDepth {
     pub app_id: String,
     pub queued: i64,
     pub running: i64,
+    /// When the oldest queued job was submitted.
+    pub oldest_queued_at: Option<Millis>,
 }
 
 #[async_trait]
@@ -417,6 +419,13 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_signing_key(&self, key: &SigningKeyRecord, retire_others: bool) -> StoreResult<()>;
 
     /// Records a file (pending, or ready when its bytes are already stored).
+    /// Records that the job's current attempt waited `ms` for a runner to start. False if `token` is stale.
+    async fn set_cold_start(&self, job_id: &str, token: i64, ms: i64) -> StoreResult<bool>;
+    /// Run-time scaling overrides of every app (app id, JSON patch).
+    async fn list_app_scaling(&self) -> StoreResult<Vec<(String, String)>>;
+    /// Sets (or with None, clears) an app's run-time scaling overrides.
+    async fn set_app_scaling(&self, app_id: &str, patch: Option<&str>, now: Millis) -> StoreResult<()>;
+
     async fn insert_file(&self, file: &FileRecord) -> StoreResult<()>;
     async fn get_file(&self, id: &str) -> StoreResult<Option<FileRecord>>;
     /// Marks a pending file ready with its size; false if it is not pending (already done, or gone).

@@ -78,6 +78,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("error_type", Text),
             ("inference_ms", Int),
             ("payload_deleted_at", Int),
+            ("cold_start_ms", Int),
         ],
     ),
     ("job_logs", &[("seq", Int), ("job_id", Text), ("ts", Int), ("level", Text), ("message", Text)]),
@@ -114,6 +115,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("error", Text),
         ],
     ),
+    ("app_scaling", &[("app_id", Text), ("patch", Text), ("updated_at", Int)]),
     ("signing_keys", &[("kid", Text), ("secret", Text), ("created_at", Int), ("retired_at", Int)]),
     (
         "files",

@@ -29,7 +29,7 @@ fn channel_for(schema: &str) -> String {
 const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
     max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
     webhook_url, webhook_dialect, traceparent, store_io, boot_id, created_at, started_at, completed_at, result_status, \
-    result_body, error, error_type, inference_ms, payload_deleted_at";
+    result_body, error, error_type, inference_ms, payload_deleted_at, cold_start_ms";
 
 pub struct PgStore {
     pool: PgPool,
@@ -918,7 +918,8 @@ impl Store for PgStore {
     async fn app_depths(&self) -> StoreResult<Vec<AppDepth>> {
         let rows = sqlx::query(
             "SELECT app_id, count(*) FILTER (WHERE state = 'queued') AS queued, \
-             count(*) FILTER (WHERE state = 'running') AS running FROM jobs \
+             count(*) FILTER (WHERE state = 'running') AS running, \
+             min(created_at) FILTER (WHERE state = 'queued') AS oldest_queued_at FROM jobs \
              WHERE state != 'completed' GROUP BY app_id ORDER BY app_id",
         )
         .fetch_all(&self.pool)
@@ -1106,6 +1107,44 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_cold_start(&self, job_id: &str, token: i64, ms: i64) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE jobs SET cold_start_ms = $1 WHERE id = $2 AND attempts = $3 AND state != 'completed'",
+        )
+        .bind(ms)
+        .bind(job_id)
+        .bind(token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn list_app_scaling(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT app_id, patch FROM app_scaling ORDER BY app_id").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("app_id")?, r.try_get("patch")?))).collect()
+    }
+
+    async fn set_app_scaling(&self, app_id: &str, patch: Option<&str>, now: Millis) -> StoreResult<()> {
+        match patch {
+            Some(p) => {
+                sqlx::query(
+                    "INSERT INTO app_scaling (app_id, patch, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (app_id) DO UPDATE SET patch = excluded.patch, updated_at = excluded.updated_at",
+                )
+                .bind(app_id)
+                .bind(p)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM app_scaling WHERE app_id = $1").bind(app_id).execute(&self.pool).await?;
+            }
+        }
         Ok(())
     }
 

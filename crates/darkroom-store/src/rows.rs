@@ -42,6 +42,7 @@ macro_rules! job_from_row {
             error_type: r.try_get("error_type")?,
             inference_ms: r.try_get("inference_ms")?,
             payload_deleted_at: r.try_get("payload_deleted_at")?,
+            cold_start_ms: r.try_get("cold_start_ms")?,
         })
     }};
 }
@@ -154,6 +155,7 @@ macro_rules! depth_from_row {
             app_id: r.try_get("app_id")?,
             queued: r.try_get("queued")?,
             running: r.try_get("running")?,
+            oldest_queued_at: r.try_get("oldest_queued_at")?,
         })
     }};
 }

@@ -40,7 +40,7 @@ impl std::fmt::Debug for SqliteStore {
 const JOB_COLUMNS: &str = "seq, id, app_id, path, owner_id, key_id, mode, priority, state, input, attempts, \
     max_attempts, no_retry, lease_runner, lease_expires_at, start_deadline, runner_hint, cancel_requested, \
     webhook_url, webhook_dialect, traceparent, store_io, boot_id, created_at, started_at, completed_at, result_status, result_body, error, \
-    error_type, inference_ms, payload_deleted_at";
+    error_type, inference_ms, payload_deleted_at, cold_start_ms";
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<JobRecord> {
     job_from_row!(r)
@@ -794,7 +794,8 @@ impl Store for SqliteStore {
 
     async fn app_depths(&self) -> StoreResult<Vec<AppDepth>> {
         let rows = sqlx::query(
-            "SELECT app_id, sum(state = 'queued') AS queued, sum(state = 'running') AS running FROM jobs \
+            "SELECT app_id, sum(state = 'queued') AS queued, sum(state = 'running') AS running, \
+             min(CASE WHEN state = 'queued' THEN created_at END) AS oldest_queued_at FROM jobs \
              WHERE state != 'completed' GROUP BY app_id ORDER BY app_id",
         )
         .fetch_all(&self.reader)
@@ -940,6 +941,46 @@ impl Store for SqliteStore {
             .bind(k.retired_at)
             .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_cold_start(&self, job_id: &str, token: i64, ms: i64) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE jobs SET cold_start_ms = ? WHERE id = ? AND attempts = ? AND state != 'completed'")
+            .bind(ms)
+            .bind(job_id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    async fn list_app_scaling(&self) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT app_id, patch FROM app_scaling ORDER BY app_id").fetch_all(&self.reader).await?;
+        rows.iter().map(|r| Ok((r.try_get("app_id")?, r.try_get("patch")?))).collect()
+    }
+
+    async fn set_app_scaling(&self, app_id: &str, patch: Option<&str>, now: Millis) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        match patch {
+            Some(p) => {
+                sqlx::query(
+                    "INSERT INTO app_scaling (app_id, patch, updated_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (app_id) DO UPDATE SET patch = excluded.patch, updated_at = excluded.updated_at",
+                )
+                .bind(app_id)
+                .bind(p)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM app_scaling WHERE app_id = ?").bind(app_id).execute(&mut *tx).await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
     }
