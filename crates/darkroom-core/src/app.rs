@@ -25,8 +25,9 @@ pub struct AppSpec {
     pub paths: Vec<String>,
     pub input_schema: Value,
     pub output_schema: Value,
-    /// Requests one runner process serves at once.
-    pub max_multiplexing: u32,
+    /// Scaling knobs and the resources one runner needs, as deployed (run-time changes are kept apart).
+    #[serde(default)]
+    pub scaling: crate::scaling::ScalingKnobs,
     /// Whether the app emits partial outputs for `/stream`.
     pub streaming: bool,
 }
@@ -102,7 +103,7 @@ mod tests {
                 "required": ["n"]
             }),
             output_schema: json!({}),
-            max_multiplexing: 1,
+            scaling: Default::default(),
             streaming: false,
         })
         .unwrap()

@@ -15,16 +15,30 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunnerFrame {
-    /// First frame: which app this runner serves and how many jobs it runs at once.
+    /// First frame: which app this runner serves and the most jobs it accepts at once (the app's
+    /// `max_multiplexing` applies below that).
     Hello {
         protocol: u32,
         app_id: String,
         max_multiplexing: u32,
+        /// The fleet slot of a runner the gateway started itself (`DARKROOM_RUNNER_SLOT`).
+        #[serde(default)]
+        slot: Option<String>,
+        /// `pull`, `setup` or `ready` (the default): whether it takes work yet.
+        #[serde(default)]
+        state: Option<String>,
         pid: u32,
         #[serde(default)]
         hints: Vec<String>,
         #[serde(default)]
         version: String,
+    },
+    /// The runner's state changed: `pull` (fetching weights), `setup` (loading), `ready`, or `draining` (finishing
+    /// its jobs before it exits; it takes no new ones).
+    State {
+        state: String,
+        #[serde(default)]
+        message: Option<String>,
     },
     /// The runner accepted an assignment and is starting it.
     Ack { job_id: String, token: i64 },

@@ -26,6 +26,7 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/v1/requests", get(list_requests))
         .route("/v1/requests/{id}", get(show_request).delete(delete_request))
         .route("/v1/apps", get(list_apps))
+        .route("/v1/apps/{owner}/{alias}/scale", get(get_scale).patch(patch_scale).delete(reset_scale))
 }
 
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &axum::body::Bytes) -> ApiResult<T> {
@@ -144,7 +145,75 @@ async fn create_runner_token(
 
 async fn list_runners(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     gw.authenticate(&headers).await?.require_admin()?;
-    Ok(Json(json!({"runners": gw.hub.list()})))
+    Ok(Json(json!({"runners": gw.fleet.list(&gw)})))
+}
+
+fn scale_view(gw: &Gateway, app_id: &str) -> ApiResult<Value> {
+    let (deployed, patch, effective) = gw
+        .fleet
+        .knobs_detail(app_id)
+        .ok_or_else(|| err(ErrorType::AppNotFound, format!("No app '{}'", app_id.escape_default())))?;
+    let runners: Vec<Value> = gw
+        .fleet
+        .list(gw)
+        .into_iter()
+        .filter(|r| r.app_id == app_id && r.state != "TERMINATED")
+        .map(|r| json!({"runner_id": r.runner_id, "state": r.state}))
+        .collect();
+    Ok(json!({"app_id": app_id, "scaling": effective, "deployed": deployed, "overrides": patch, "runners": runners}))
+}
+
+/// `GET /v1/apps/{owner}/{alias}/scale`: the knobs in effect, as deployed, and the run-time overrides.
+async fn get_scale(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path((owner, alias)): axum::extract::Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    gw.authenticate(&headers).await?;
+    Ok(Json(scale_view(&gw, &format!("{owner}/{alias}"))?))
+}
+
+/// `PATCH /v1/apps/{owner}/{alias}/scale`: changes knobs at run time (kept across restarts and redeploys).
+async fn patch_scale(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path((owner, alias)): axum::extract::Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    gw.authenticate(&headers).await?.require_admin()?;
+    let app_id = format!("{owner}/{alias}");
+    let (deployed, current, _) = gw
+        .fleet
+        .knobs_detail(&app_id)
+        .ok_or_else(|| err(ErrorType::AppNotFound, format!("No app '{}'", app_id.escape_default())))?;
+    let change: darkroom_core::scaling::ScalingPatch = serde_json::from_slice(&body).map_err(|e| {
+        ApiErr(darkroom_core::app::validation_error(vec![
+            json!({"loc": ["body"], "msg": e.to_string(), "type": "value_error"}),
+        ]))
+    })?;
+    let patch = current.merge(&change);
+    patch.apply(&deployed).validate(&["body"]).map_err(|d| ApiErr(darkroom_core::app::validation_error(d)))?;
+    let stored = serde_json::to_string(&patch).map_err(|_| ApiErr(darkroom_core::ApiError::internal()))?;
+    gw.store.set_app_scaling(&app_id, (!patch.is_empty()).then_some(stored.as_str()), gw.now()).await?;
+    gw.fleet.set_patch(&app_id, patch);
+    gw.hub.kick(&app_id);
+    tracing::info!(app = %app_id, change = %String::from_utf8_lossy(&body), "scaling changed");
+    Ok(Json(scale_view(&gw, &app_id)?))
+}
+
+/// `DELETE /v1/apps/{owner}/{alias}/scale`: back to the knobs as deployed.
+async fn reset_scale(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Path((owner, alias)): axum::extract::Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    gw.authenticate(&headers).await?.require_admin()?;
+    let app_id = format!("{owner}/{alias}");
+    scale_view(&gw, &app_id)?;
+    gw.store.set_app_scaling(&app_id, None, gw.now()).await?;
+    gw.fleet.set_patch(&app_id, Default::default());
+    gw.hub.kick(&app_id);
+    Ok(Json(scale_view(&gw, &app_id)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,7 +253,7 @@ async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiRes
         .values()
         .map(|a| {
             json!({"id": a.spec.id, "title": a.spec.title, "description": a.spec.description, "kind": a.spec.kind,
-                         "max_multiplexing": a.spec.max_multiplexing, "streaming": a.spec.streaming})
+                         "scaling": gw.fleet.knobs(&a.spec.id), "streaming": a.spec.streaming})
         })
         .collect();
     apps.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));

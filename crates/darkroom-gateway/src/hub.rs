@@ -21,30 +21,105 @@ use tokio::sync::{Notify, mpsc};
 use crate::error::{ApiErr, err};
 use crate::{Gateway, StreamMsg, metrics};
 
-/// A connected runner, as the admin API shows it.
+/// A runner, as the admin API shows it: connected ones, and the fleet's slots that are starting or ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunnerInfo {
     pub runner_id: String,
     pub app_id: String,
-    /// IDLE or RUNNING.
+    /// PENDING, PULL, SETUP, IDLE, RUNNING, DRAINING or TERMINATED.
     pub state: &'static str,
+    /// The fleet slot of a runner this gateway started; None for a remote runner.
+    pub slot: Option<String>,
     pub pid: u32,
+    /// Requests it may hold at once (the app's max_multiplexing, or less if the runner says so).
     pub max_multiplexing: u32,
     pub in_flight: Vec<String>,
     pub hints: Vec<String>,
-    pub connected_at: i64,
+    pub connected_at: Option<i64>,
+    /// When its process started (fleet runners).
+    pub started_at: Option<i64>,
+    /// When it became ready for work.
+    pub ready_at: Option<i64>,
+    pub last_active_at: Option<i64>,
+    pub served: u64,
+    /// CPU cores it is pinned to, and its GPU (index, MiB).
+    pub cpus: Vec<usize>,
+    pub gpu: Option<(u32, u64)>,
+    /// What it is doing (setup message) or why it ended.
+    pub message: Option<String>,
+    pub ended_at: Option<i64>,
 }
 
-struct Conn {
-    info: RunnerInfo,
+/// What a connected runner told us of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnPhase {
+    Pull,
+    Setup,
+    Ready,
+    Draining,
+}
+
+pub(crate) struct Conn {
+    pub(crate) runner_id: String,
+    pub(crate) app_id: String,
+    pub(crate) slot: Option<String>,
+    pub(crate) pid: u32,
+    /// The most the runner itself accepts.
+    pub(crate) declared_mux: u32,
+    pub(crate) hints: Vec<String>,
+    pub(crate) connected_at: i64,
+    pub(crate) phase: ConnPhase,
+    pub(crate) message: Option<String>,
+    pub(crate) ready_at: Option<i64>,
+    pub(crate) last_active_at: i64,
+    pub(crate) served: u64,
     tx: mpsc::UnboundedSender<GatewayFrame>,
-    in_flight: HashMap<String, i64>,
+    /// Job id → (fencing token, when it was assigned).
+    pub(crate) in_flight: HashMap<String, (i64, i64)>,
 }
 
 #[derive(Default)]
 pub struct Hub {
-    runners: Mutex<HashMap<String, Conn>>,
+    pub(crate) runners: Mutex<HashMap<String, Conn>>,
     kicks: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Set while the gateway drains (SIGTERM): nothing new is assigned.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+impl Conn {
+    pub(crate) fn state(&self) -> &'static str {
+        match self.phase {
+            ConnPhase::Pull => "PULL",
+            ConnPhase::Setup => "SETUP",
+            ConnPhase::Draining => "DRAINING",
+            ConnPhase::Ready if self.in_flight.is_empty() => "IDLE",
+            ConnPhase::Ready => "RUNNING",
+        }
+    }
+
+    pub(crate) fn info(&self, mux: u32) -> RunnerInfo {
+        let mut in_flight: Vec<String> = self.in_flight.keys().cloned().collect();
+        in_flight.sort();
+        RunnerInfo {
+            runner_id: self.runner_id.clone(),
+            app_id: self.app_id.clone(),
+            state: self.state(),
+            slot: self.slot.clone(),
+            pid: self.pid,
+            max_multiplexing: self.declared_mux.min(mux),
+            in_flight,
+            hints: self.hints.clone(),
+            connected_at: Some(self.connected_at),
+            started_at: None,
+            ready_at: self.ready_at,
+            last_active_at: Some(self.last_active_at),
+            served: self.served,
+            cpus: vec![],
+            gpu: None,
+            message: self.message.clone(),
+            ended_at: None,
+        }
+    }
 }
 
 impl Hub {
@@ -62,51 +137,75 @@ impl Hub {
         }
     }
 
+    /// Connected runners (the fleet's [`crate::fleet::Fleet::list`] adds starting and ended ones).
     pub fn list(&self) -> Vec<RunnerInfo> {
+        self.list_with(|_| u32::MAX)
+    }
+
+    pub(crate) fn list_with(&self, mux: impl Fn(&str) -> u32) -> Vec<RunnerInfo> {
         let m = self.runners.lock().unwrap();
-        let mut v: Vec<RunnerInfo> = m
-            .values()
-            .map(|c| {
-                let mut i = c.info.clone();
-                i.in_flight = c.in_flight.keys().cloned().collect();
-                i.state = if c.in_flight.is_empty() { "IDLE" } else { "RUNNING" };
-                i
-            })
-            .collect();
+        let mut v: Vec<RunnerInfo> = m.values().map(|c| c.info(mux(&c.app_id))).collect();
         v.sort_by(|a, b| (&a.app_id, a.connected_at).cmp(&(&b.app_id, b.connected_at)));
         v
     }
 
-    pub fn report_metrics(&self) {
-        metrics::set_runner_states(&self.list());
+    /// Connected runners that are ready for work (not starting, not draining).
+    pub fn ready_count(&self) -> usize {
+        self.runners.lock().unwrap().values().filter(|c| c.phase == ConnPhase::Ready).count()
     }
 
-    /// Picks a runner of `app_id` with a free slot, preferring one matching `hint`.
-    fn pick(&self, app_id: &str, hint: Option<&str>) -> Option<String> {
+    /// Requests running on this gateway's runners.
+    pub fn in_flight_count(&self) -> usize {
+        self.runners.lock().unwrap().values().map(|c| c.in_flight.len()).sum()
+    }
+
+    /// Stops assigning to a runner. With `only_if_idle`, only if it holds nothing (else false).
+    pub(crate) fn mark_draining(&self, runner_id: &str, only_if_idle: bool) -> bool {
+        let mut m = self.runners.lock().unwrap();
+        match m.get_mut(runner_id) {
+            Some(c) if only_if_idle && !c.in_flight.is_empty() => false,
+            Some(c) => {
+                c.phase = ConnPhase::Draining;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Picks a ready runner of `app_id` with a free slot (at most `mux` requests each), preferring one matching
+    /// `hint`.
+    fn pick(&self, app_id: &str, hint: Option<&str>, mux: u32) -> Option<String> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         let m = self.runners.lock().unwrap();
         let free: Vec<&Conn> = m
             .values()
-            .filter(|c| c.info.app_id == app_id && (c.in_flight.len() as u32) < c.info.max_multiplexing)
+            .filter(|c| {
+                c.app_id == app_id
+                    && c.phase == ConnPhase::Ready
+                    && (c.in_flight.len() as u32) < c.declared_mux.min(mux)
+            })
             .collect();
         if let Some(h) = hint
-            && let Some(c) = free.iter().find(|c| c.info.runner_id == h || c.info.hints.iter().any(|x| x == h))
+            && let Some(c) = free.iter().find(|c| c.runner_id == h || c.hints.iter().any(|x| x == h))
         {
-            return Some(c.info.runner_id.clone());
+            return Some(c.runner_id.clone());
         }
         free.iter()
             .max_by_key(|c| {
-                (c.info.max_multiplexing as usize - c.in_flight.len(), std::cmp::Reverse(c.info.connected_at))
+                (c.declared_mux.min(mux) as usize - c.in_flight.len(), std::cmp::Reverse(c.connected_at))
             })
-            .map(|c| c.info.runner_id.clone())
+            .map(|c| c.runner_id.clone())
     }
 
     /// A job's lease ran out while its runner may still be connected: take it off the runner and tell it to stop.
     pub fn lease_lost(&self, job_id: &str) {
         let mut m = self.runners.lock().unwrap();
         for c in m.values_mut() {
-            if let Some(token) = c.in_flight.remove(job_id) {
+            if let Some((token, _)) = c.in_flight.remove(job_id) {
                 let _ = c.tx.send(GatewayFrame::Cancel { job_id: job_id.to_string(), token });
-                self.kick(&c.info.app_id);
+                self.kick(&c.app_id);
             }
         }
     }
@@ -115,16 +214,16 @@ impl Hub {
     pub fn attempt_ended(&self, job_id: &str, token: i64) {
         let mut m = self.runners.lock().unwrap();
         for c in m.values_mut() {
-            if c.in_flight.get(job_id) == Some(&token) {
+            if c.in_flight.get(job_id).map(|x| x.0) == Some(token) {
                 c.in_flight.remove(job_id);
                 let _ = c.tx.send(GatewayFrame::Cancel { job_id: job_id.to_string(), token });
-                self.kick(&c.info.app_id);
+                self.kick(&c.app_id);
             }
         }
     }
 
     fn in_flight_token(&self, runner_id: &str, job_id: &str) -> Option<i64> {
-        self.runners.lock().unwrap().get(runner_id).and_then(|c| c.in_flight.get(job_id).copied())
+        self.runners.lock().unwrap().get(runner_id).and_then(|c| c.in_flight.get(job_id).map(|x| x.0))
     }
 
     fn notify_for(&self, app_id: &str) -> Arc<Notify> {
@@ -159,11 +258,12 @@ async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
 
 async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_store::StoreError> {
     loop {
-        if gw.hub.pick(app_id, None).is_none() {
+        let mux = gw.fleet.knobs(app_id).max_multiplexing;
+        if gw.hub.pick(app_id, None, mux).is_none() {
             return Ok(());
         }
         let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
-        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref()) else { return Ok(()) };
+        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux) else { return Ok(()) };
         let now = gw.now();
         let Some(job) = gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await? else { continue };
         metrics::job_started(&job, now);
@@ -179,16 +279,30 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
             upload_token: Some(gw.job_upload_token(&job.id, &job.owner_id)),
             input,
         };
+        let mut cold_start = None;
         let sent = {
             let mut m = gw.hub.runners.lock().unwrap();
             match m.get_mut(&runner_id) {
                 Some(c) if c.tx.send(frame).is_ok() => {
-                    c.in_flight.insert(job.id.clone(), job.attempts);
+                    c.in_flight.insert(job.id.clone(), (job.attempts, now));
+                    // A runner that became ready after the request came in: the request waited for a cold start.
+                    if let Some(ready) = c.ready_at
+                        && ready > job.created_at
+                    {
+                        cold_start = Some(ready - job.created_at);
+                    }
+                    c.served += 1;
                     true
                 }
                 _ => false,
             }
         };
+        if let Some(ms) = cold_start {
+            metrics::cold_start(&job.app_id, ms);
+            if let Err(e) = gw.store.set_cold_start(&job.id, job.attempts, ms).await {
+                tracing::warn!(error = %e, request_id = %job.id, "recording the cold start failed");
+            }
+        }
         if sent && job.mode == darkroom_core::job::JobMode::Stream && job.boot_id != gw.boot_id {
             // The client is on another gateway.
             crate::cluster::open_relay(gw, &job);
@@ -241,7 +355,7 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<RunnerFrame>(&t).ok(),
         _ => None,
     };
-    let Some(RunnerFrame::Hello { protocol, app_id, max_multiplexing, pid, hints, .. }) = hello else {
+    let Some(RunnerFrame::Hello { protocol, app_id, max_multiplexing, pid, hints, slot, state, .. }) = hello else {
         let _ = socket.send(send_frame(&GatewayFrame::Shutdown { reason: "expected hello".into() })).await;
         return;
     };
@@ -268,24 +382,36 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
         return;
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let now = gw.now();
+    let phase = match state.as_deref() {
+        Some("pull") => ConnPhase::Pull,
+        Some("setup") => ConnPhase::Setup,
+        Some("draining") => ConnPhase::Draining,
+        _ => ConnPhase::Ready,
+    };
+    // A slot is only believed for runners this gateway started (the fleet knows it).
+    let slot = slot.filter(|s| gw.fleet.owns_slot(s, &app_id));
     gw.hub.runners.lock().unwrap().insert(
         runner_id.clone(),
         Conn {
-            info: RunnerInfo {
-                runner_id: runner_id.clone(),
-                app_id: app_id.clone(),
-                state: "IDLE",
-                pid,
-                max_multiplexing: max_multiplexing.clamp(1, 1024),
-                in_flight: vec![],
-                hints,
-                connected_at: gw.now(),
-            },
+            runner_id: runner_id.clone(),
+            app_id: app_id.clone(),
+            slot: slot.clone(),
+            pid,
+            declared_mux: max_multiplexing.clamp(1, 1024),
+            hints,
+            connected_at: now,
+            phase,
+            message: None,
+            ready_at: (phase == ConnPhase::Ready).then_some(now),
+            last_active_at: now,
+            served: 0,
             tx,
             in_flight: HashMap::new(),
         },
     );
-    tracing::info!(%runner_id, app = %app_id, pid, "runner joined");
+    tracing::info!(%runner_id, app = %app_id, pid, slot = ?slot, "runner joined");
+    gw.fleet.kick();
     gw.hub.kick(&app_id);
     let silence = Duration::from_millis(heartbeat_ms * 3);
     loop {
@@ -334,6 +460,7 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
     }
     gw.hub.runners.lock().unwrap().remove(&runner_id);
     tracing::info!(%runner_id, app = %app_id, "runner left");
+    gw.fleet.kick();
     match gw.store.release_runner(&runner_id, gw.now()).await {
         Ok(r) => gw.attempts_ended(&r).await,
         Err(e) => tracing::error!(error = %e, "releasing runner failed"),
@@ -396,6 +523,35 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
     let now = gw.now();
     match frame {
         RunnerFrame::Hello { .. } | RunnerFrame::Ack { .. } => {}
+        RunnerFrame::State { state, message } => {
+            let phase = match state.as_str() {
+                "pull" => ConnPhase::Pull,
+                "setup" => ConnPhase::Setup,
+                "ready" => ConnPhase::Ready,
+                "draining" => ConnPhase::Draining,
+                other => {
+                    tracing::warn!(%runner_id, state = other, "unknown runner state");
+                    return;
+                }
+            };
+            {
+                let mut m = gw.hub.runners.lock().unwrap();
+                if let Some(c) = m.get_mut(runner_id) {
+                    // A draining runner stays draining.
+                    if c.phase != ConnPhase::Draining {
+                        if phase == ConnPhase::Ready && c.ready_at.is_none() {
+                            c.ready_at = Some(now);
+                            c.last_active_at = now;
+                        }
+                        c.phase = phase;
+                    }
+                    c.message = message;
+                }
+            }
+            tracing::info!(%runner_id, app = %app_id, %state, "runner state");
+            gw.hub.kick(app_id);
+            gw.fleet.kick();
+        }
         RunnerFrame::Heartbeat { running } => {
             if let Err(e) = gw.store.extend_leases(runner_id, &running, now + gw.cfg.lease_ms).await {
                 tracing::error!(error = %e, "extending leases failed");
@@ -430,8 +586,9 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
             let held = {
                 let mut m = gw.hub.runners.lock().unwrap();
                 match m.get_mut(runner_id) {
-                    Some(c) if c.in_flight.get(&job_id) == Some(&token) => {
+                    Some(c) if c.in_flight.get(&job_id).map(|x| x.0) == Some(token) => {
                         c.in_flight.remove(&job_id);
+                        c.last_active_at = now;
                         true
                     }
                     _ => false,

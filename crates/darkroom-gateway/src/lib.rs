@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod files;
+pub mod fleet;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -87,6 +88,8 @@ pub struct GatewayConfig {
     pub file_url_ttl: Duration,
     /// Expiry of files whose upload asks for none (None: kept until deleted).
     pub files_expire_after: Option<Duration>,
+    /// Forget every app's run-time scaling changes at start (a redeploy keeps them otherwise).
+    pub reset_scale: bool,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -131,6 +134,7 @@ impl Default for GatewayConfig {
             max_file_size: 2 << 30,
             file_url_ttl: Duration::from_secs(7 * 24 * 3600),
             files_expire_after: Some(Duration::from_secs(30 * 24 * 3600)),
+            reset_scale: false,
         }
     }
 }
@@ -150,6 +154,8 @@ pub struct Gateway {
     pub boot_id: String,
     pub apps: HashMap<String, Arc<CompiledApp>>,
     pub hub: hub::Hub,
+    /// Scaling knobs, local runner processes, the autoscaler.
+    pub fleet: fleet::Fleet,
     pub keys: auth::KeyCache,
     /// Job ids whose state changed (status streams and waiters filter on it).
     pub events: broadcast::Sender<String>,
@@ -240,6 +246,7 @@ impl Gateway {
             boot_id,
             apps: compiled,
             hub: hub::Hub::default(),
+            fleet: fleet::Fleet::default(),
             keys: auth::KeyCache::default(),
             events: broadcast::channel(4096).0,
             streams: Mutex::new(HashMap::new()),
@@ -257,6 +264,14 @@ impl Gateway {
             router: OnceLock::new(),
         });
         webhooks::load_keys(&gw).await?;
+        gw.fleet.init(gw.apps.values().map(|a| (a.spec.id.clone(), a.spec.scaling.clone())));
+        if gw.cfg.reset_scale {
+            for app in gw.apps.keys() {
+                gw.store.set_app_scaling(app, None, now).await?;
+            }
+            tracing::info!("run-time scaling changes reset to the apps' deployed knobs");
+        }
+        gw.fleet.load_patches(&gw).await;
         metrics::set_leader(leader);
         let _ = gw.router.set(http::router(gw.clone()));
         Ok(gw)
@@ -460,7 +475,6 @@ impl Gateway {
             if let Ok(depths) = self.store.app_depths().await {
                 metrics::set_depths(&self.apps, &depths);
             }
-            self.hub.report_metrics();
             if !self.is_leader() {
                 // Another gateway sweeps the shared store.
                 continue;

@@ -57,17 +57,37 @@ pub fn set_depths(apps: &HashMap<String, Arc<CompiledApp>>, depths: &[AppDepth])
     }
 }
 
-pub fn set_runner_states(runners: &[RunnerInfo]) {
+/// Runners per app and state (every state of every app, zeros included).
+pub fn set_runner_states<'a>(apps: impl Iterator<Item = &'a String>, runners: &'a [RunnerInfo]) {
     let mut counts: HashMap<(String, &'static str), usize> = HashMap::new();
+    for app in apps.chain(runners.iter().map(|r| &r.app_id)) {
+        for s in ["PENDING", "PULL", "SETUP", "IDLE", "RUNNING", "DRAINING", "TERMINATED"] {
+            counts.entry((app.clone(), s)).or_default();
+        }
+    }
     for r in runners {
         *counts.entry((r.app_id.clone(), r.state)).or_default() += 1;
-        for s in ["IDLE", "RUNNING"] {
-            counts.entry((r.app_id.clone(), s)).or_default();
-        }
     }
     for ((app, state), n) in counts {
         metrics::gauge!("darkroom_runners", "app" => app, "state" => state).set(n as f64);
     }
+}
+
+/// A request waited `ms` for a runner to start.
+pub fn cold_start(app: &str, ms: i64) {
+    metrics::counter!("darkroom_cold_starts_total", "app" => app.to_string()).increment(1);
+    metrics::histogram!("darkroom_cold_start_wait_seconds", "app" => app.to_string()).record(ms.max(0) as f64 / 1000.0);
+}
+
+/// The fleet started a runner process.
+pub fn runner_started(app: &str) {
+    metrics::counter!("darkroom_runner_starts_total", "app" => app.to_string()).increment(1);
+}
+
+/// A runner process stopped: `idle`, `over_max_concurrency`, `startup_timeout` or `crashed`.
+pub fn runner_stopped(app: &str, reason: &str) {
+    metrics::counter!("darkroom_runner_stops_total", "app" => app.to_string(), "reason" => reason.to_string())
+        .increment(1);
 }
 
 /// 1 while this gateway leads its cluster (runs the sweepers).

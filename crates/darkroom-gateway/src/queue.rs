@@ -261,9 +261,10 @@ pub async fn status_body(gw: &Gateway, job: &JobRecord, base: &str, logs: bool) 
             if let Some(p) = gw.progress.lock().unwrap().get(&job.id) {
                 v["progress"] = p.clone();
             }
+            v["metrics"] = cold_start_metrics(job);
         }
         JobState::Completed => {
-            let mut metrics = json!({});
+            let mut metrics = if job.started_at.is_some() { cold_start_metrics(job) } else { json!({}) };
             if let Some(ms) = job.inference_ms {
                 metrics["inference_time"] = json!(ms as f64 / 1000.0);
             }
@@ -275,6 +276,14 @@ pub async fn status_body(gw: &Gateway, job: &JobRecord, base: &str, logs: bool) 
         }
     }
     Ok(v)
+}
+
+/// Whether the request waited for a runner to start, and for how long (seconds).
+fn cold_start_metrics(job: &JobRecord) -> Value {
+    match job.cold_start_ms {
+        Some(ms) => json!({"cold_start": true, "cold_start_time": ms as f64 / 1000.0}),
+        None => json!({"cold_start": false}),
+    }
 }
 
 /// Loads a job the caller may see, for the app in the URL.

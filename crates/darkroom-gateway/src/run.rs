@@ -75,6 +75,15 @@ pub async fn handle(
     let result = async {
         let caller = gw.authenticate(&headers).await?;
         let body = body.map_err(body_error)?;
+        if gw.hub.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            // A synchronous request would only wait for the restart; queue submits are still taken.
+            let mut e = darkroom_core::ApiError::new(
+                darkroom_core::ErrorType::ServiceUnavailable,
+                "The server is draining for a restart; retry shortly or submit to the queue",
+            );
+            e.retry_after = Some(5);
+            return Err(ApiErr(e));
+        }
         match route {
             RunRoute::Run { app, path } => {
                 let (_, job) = enqueue_request(

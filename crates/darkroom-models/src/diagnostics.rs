@@ -77,9 +77,26 @@ impl Model for Diagnostics {
             "Diagnostics (test app)",
             "Built-in test app: echoes its input, sleeps, logs, fails on request and streams partial outputs. \
              It runs no model.",
-            8,
+            // Cheap enough to keep one warm, so the test app answers without a cold start.
+            darkroom_core::scaling::ScalingKnobs {
+                min_concurrency: 1,
+                max_concurrency: 4,
+                max_multiplexing: 8,
+                cpu_threads: 1,
+                ..Default::default()
+            },
             true,
         )
+    }
+
+    /// `DARKROOM_DIAGNOSTICS_SETUP_MS` makes setup take that long (to exercise cold starts and `startup_timeout`).
+    async fn setup(&self, report: &crate::SetupReporter) -> Result<(), String> {
+        let ms: u64 = std::env::var("DARKROOM_DIAGNOSTICS_SETUP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if ms > 0 {
+            report.stage(crate::SetupStage::Setup, format!("simulated setup of {ms} ms"));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Ok(())
     }
 
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {

@@ -340,7 +340,13 @@ impl Model for ImageUtils {
             APP_ID,
             "Image utilities",
             "Resizes, crops and converts images between PNG, JPEG and WebP.",
-            2,
+            // One core per runner; idle runners stop after a minute (scale to zero).
+            darkroom_core::scaling::ScalingKnobs {
+                max_concurrency: 2,
+                max_multiplexing: 2,
+                cpu_threads: 1,
+                ..Default::default()
+            },
             false,
         )
     }

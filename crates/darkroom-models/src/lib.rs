@@ -123,6 +123,30 @@ pub trait Model: Send + Sync + 'static {
     fn spec(&self) -> AppSpec;
     /// Runs one request. Input has been validated against the input schema by the gateway.
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError>;
+    /// Gets the model ready before its first request: fetch weights (report [`SetupStage::Pull`]) and load them
+    /// (report [`SetupStage::Setup`]). The runner takes no work until it returns; an error stops the runner.
+    async fn setup(&self, _report: &SetupReporter) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a model is doing while it gets ready (the runner's PULL and SETUP states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupStage {
+    /// Fetching weights or an environment.
+    Pull,
+    /// Loading the model.
+    Setup,
+}
+
+/// Reports a model's setup stages to the runner (and so to the gateway).
+#[derive(Debug, Clone)]
+pub struct SetupReporter(pub tokio::sync::mpsc::UnboundedSender<(SetupStage, String)>);
+
+impl SetupReporter {
+    pub fn stage(&self, stage: SetupStage, message: impl Into<String>) {
+        let _ = self.0.send((stage, message.into()));
+    }
 }
 
 /// Every built-in model's app spec.
@@ -144,7 +168,7 @@ pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
     id: &str,
     title: &str,
     description: &str,
-    max_multiplexing: u32,
+    scaling: darkroom_core::scaling::ScalingKnobs,
     streaming: bool,
 ) -> AppSpec {
     AppSpec {
@@ -155,7 +179,7 @@ pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
         paths: vec![String::new()],
         input_schema: serde_json::to_value(inline_schema::<I>()).expect("schema serialises"),
         output_schema: serde_json::to_value(inline_schema::<O>()).expect("schema serialises"),
-        max_multiplexing,
+        scaling,
         streaming,
     }
 }

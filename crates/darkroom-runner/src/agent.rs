@@ -35,6 +35,8 @@ pub struct RunnerConfig {
     /// The gateway's storage and file-URL key, when this runner shares them (local runners): inputs stored in
     /// Darkroom are then read directly instead of over HTTP.
     pub local_storage: Option<(darkroom_storage::Storage, darkroom_storage::Signer)>,
+    /// The fleet slot, for runners the gateway started (`DARKROOM_RUNNER_SLOT`).
+    pub slot: Option<String>,
 }
 
 impl std::fmt::Debug for RunnerConfig {
@@ -58,10 +60,77 @@ impl std::fmt::Display for Refused {
 }
 impl std::error::Error for Refused {}
 
-/// Runs until the gateway refuses us, or (with `parent_stdin`) until the parent goes away.
+/// Where the runner is in its life, as it tells the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Pull(String),
+    Setup(String),
+    Ready,
+    Failed(String),
+}
+
+impl Phase {
+    fn wire(&self) -> (&'static str, Option<String>) {
+        match self {
+            Phase::Pull(m) => ("pull", Some(m.clone())),
+            Phase::Setup(m) => ("setup", Some(m.clone())),
+            Phase::Ready => ("ready", None),
+            Phase::Failed(m) => ("failed", Some(m.clone())),
+        }
+    }
+}
+
+/// Runs until the gateway refuses us, SIGTERM has drained us, or (with `parent_stdin`) the parent goes away.
 pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
     let model = darkroom_models::load_builtin(&cfg.app_id)
         .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?;
+    // Setup (weights, loading) runs while the control channel comes up, so the gateway sees PULL and SETUP.
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Setup(String::new()));
+    {
+        let model = model.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let report = darkroom_models::SetupReporter(tx);
+            let setup = model.setup(&report);
+            tokio::pin!(setup);
+            let res = loop {
+                tokio::select! {
+                    r = &mut setup => break r,
+                    Some((stage, msg)) = rx.recv() => {
+                        tracing::info!(stage = ?stage, "{msg}");
+                        let _ = phase_tx.send(match stage {
+                            darkroom_models::SetupStage::Pull => Phase::Pull(msg),
+                            darkroom_models::SetupStage::Setup => Phase::Setup(msg),
+                        });
+                    }
+                }
+            };
+            match res {
+                Ok(()) => {
+                    tracing::info!("model ready");
+                    let _ = phase_tx.send(Phase::Ready);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model setup failed");
+                    let _ = phase_tx.send(Phase::Failed(e));
+                }
+            }
+        });
+    }
+    // SIGTERM drains: no new work, running jobs finish, then the process exits. A second SIGTERM exits at once.
+    let drain = CancellationToken::new();
+    {
+        let drain = drain.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            term.recv().await;
+            tracing::info!("SIGTERM: draining (finishing running requests, taking no new ones)");
+            drain.cancel();
+            term.recv().await;
+            tracing::warn!("second SIGTERM: exiting now");
+            std::process::exit(143);
+        });
+    }
     if cfg.parent_stdin {
         // Liveness: a local runner's stdin is a pipe from `darkroom serve`; EOF means the parent died.
         tokio::spawn(async {
@@ -94,10 +163,21 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
     });
     let mut backoff = Duration::from_millis(200);
     loop {
-        match connect_and_serve(&cfg, model.clone(), files.clone()).await {
-            Ok(()) => backoff = Duration::from_millis(200),
+        if let Phase::Failed(e) = &*phase_rx.borrow() {
+            bail!("model setup failed: {e}");
+        }
+        match connect_and_serve(&cfg, model.clone(), files.clone(), phase_rx.clone(), drain.clone()).await {
+            Ok(Ended::Drained) => {
+                tracing::info!("drained; exiting");
+                return Ok(());
+            }
+            Ok(Ended::Lost) => backoff = Duration::from_millis(200),
             Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
             Err(e) => tracing::warn!(error = %e, "control channel lost"),
+        }
+        if drain.is_cancelled() {
+            // Draining with no channel: nothing can be delivered any more.
+            return Ok(());
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -120,11 +200,21 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// How a control channel ended without an error.
+enum Ended {
+    /// The gateway closed it or is shutting down: reconnect.
+    Lost,
+    /// Drained after SIGTERM: exit.
+    Drained,
+}
+
 async fn connect_and_serve(
     cfg: &RunnerConfig,
     model: Arc<dyn Model>,
     files: Arc<crate::files::FileSettings>,
-) -> anyhow::Result<()> {
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+    drain: CancellationToken,
+) -> anyhow::Result<Ended> {
     let url = ws_url(&cfg.gateway)?;
     let mut req = url.as_str().into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {}", cfg.token).parse()?);
@@ -142,12 +232,15 @@ async fn connect_and_serve(
         Err(e) => return Err(e.into()),
     };
     let (mut sink, mut stream) = ws.split();
-    let spec = model.spec();
-    let capacity = cfg.max_multiplexing.unwrap_or(spec.max_multiplexing).max(1);
+    // The app's max_multiplexing (set at the gateway, changeable at run time) applies below this.
+    let capacity = cfg.max_multiplexing.unwrap_or(1024).max(1);
+    let (state, _) = phase.borrow_and_update().wire();
     let hello = RunnerFrame::Hello {
         protocol: PROTOCOL_VERSION,
         app_id: cfg.app_id.clone(),
         max_multiplexing: capacity,
+        slot: cfg.slot.clone(),
+        state: Some(state.into()),
         pid: std::process::id(),
         hints: vec![],
         version: env!("CARGO_PKG_VERSION").into(),
@@ -168,19 +261,47 @@ async fn connect_and_serve(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<RunnerFrame>();
     let mut jobs: HashMap<String, Running> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
+    let mut draining = false;
+    if drain.is_cancelled() {
+        draining = true;
+        let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });
+    }
     let result = loop {
+        if draining && jobs.is_empty() {
+            break Ok(Ended::Drained);
+        }
         tokio::select! {
+            _ = drain.cancelled(), if !draining => {
+                draining = true;
+                let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });
+            }
+            changed = phase.changed() => {
+                if changed.is_err() { continue; }
+                let (state, message) = phase.borrow_and_update().wire();
+                if let Phase::Failed(e) = &*phase.borrow() {
+                    break Err(anyhow::anyhow!("model setup failed: {e}"));
+                }
+                let _ = out_tx.send(RunnerFrame::State { state: state.into(), message });
+            }
             msg = stream.next() => {
                 let frame = match msg {
                     Some(Ok(Message::Text(t))) => match serde_json::from_str::<GatewayFrame>(&t) {
                         Ok(f) => f,
                         Err(e) => { tracing::warn!(error = %e, "bad frame from gateway"); continue; }
                     },
-                    Some(Ok(Message::Close(_))) | None => break Ok(()),
+                    Some(Ok(Message::Close(_))) | None => break Ok(Ended::Lost),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => break Err(e.into()),
                 };
                 match frame {
+                    GatewayFrame::Assign { job_id, token, .. } if draining => {
+                        // Crossed our draining notice: hand it back to the queue (503 is retried).
+                        let _ = out_tx.send(RunnerFrame::Complete {
+                            job_id, token, status: 503,
+                            body: json!({"detail": "The runner is draining", "error_type": "runner_disconnected"}),
+                            error_type: Some("runner_disconnected".into()), inference_ms: None,
+                        });
+                    }
                     GatewayFrame::Assign { job_id, token, attempt, path, input, inline_outputs, upload_token, .. } => {
                         let cancel = CancellationToken::new();
                         jobs.insert(job_id.clone(), Running { token, cancel: cancel.clone() });
@@ -198,7 +319,7 @@ async fn connect_and_serve(
                     }
                     GatewayFrame::Shutdown { reason } => {
                         tracing::info!(%reason, "gateway shutting down");
-                        break Ok(());
+                        break Ok(if draining { Ended::Drained } else { Ended::Lost });
                     }
                     GatewayFrame::Welcome { .. } => {}
                 }
@@ -220,6 +341,13 @@ async fn connect_and_serve(
             }
         }
     };
+    // Frames already queued (a drained runner's last completion, its draining notice) still go out.
+    while let Ok(frame) = out_rx.try_recv() {
+        if sink.send(Message::text(serde_json::to_string(&frame)?)).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
     // Our leases are gone with the channel: stop everything.
     for (_, r) in jobs.drain() {
         r.cancel.cancel();

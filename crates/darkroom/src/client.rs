@@ -75,6 +75,9 @@ impl Client {
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
+    pub async fn patch(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.patch(self.url(path)).json(body)).await
+    }
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.delete(self.url(path))).await
     }

@@ -65,6 +65,13 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Apps: list them, and change their scaling at run time.
+    Apps {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
     /// Inspect runners.
     Runners {
         #[command(flatten)]
@@ -127,7 +134,7 @@ struct RunnerArgs {
     /// Exit when standard input closes (set by `darkroom serve` for its own runners).
     #[arg(long)]
     parent_stdin: bool,
-    /// Requests served at once (defaults to the app's max_multiplexing).
+    /// The most requests served at once (the app's max_multiplexing, set at the gateway, applies below it).
     #[arg(long, env = "DARKROOM_MAX_MULTIPLEXING")]
     max_multiplexing: Option<u32>,
     /// Private addresses apps may fetch input URLs from anyway: comma-separated CIDRs or addresses.
@@ -140,6 +147,9 @@ struct RunnerArgs {
     /// DARKROOM_FILES_KEY): stored inputs are then read directly rather than through the gateway.
     #[arg(long, env = "DARKROOM_STORAGE", hide_env_values = true, hide = true)]
     storage: Option<String>,
+    /// The fleet slot of a runner started by `darkroom serve`.
+    #[arg(long, env = "DARKROOM_RUNNER_SLOT", hide = true)]
+    slot: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -216,8 +226,61 @@ enum RequestsCommand {
 
 #[derive(Subcommand)]
 enum RunnersCommand {
-    /// List connected runners.
+    /// List runners: connected ones, ones starting (PENDING, PULL, SETUP) and recently ended ones (TERMINATED).
     Ls,
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    /// List apps with their scaling in effect.
+    Ls,
+    /// Show or change an app's scaling (fal's knobs). Changes apply at once and are kept across restarts until
+    /// `--reset` (or `darkroom serve --reset-scale`). With no options, shows the knobs.
+    Scale(ScaleArgs),
+}
+
+#[derive(clap::Args)]
+struct ScaleArgs {
+    /// The app, e.g. darkroom/diagnostics.
+    app: String,
+    /// Runners kept alive with no work (0: scale to zero).
+    #[arg(long)]
+    min_concurrency: Option<u32>,
+    /// Most runners.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Warm runners kept above demand.
+    #[arg(long)]
+    concurrency_buffer: Option<u32>,
+    /// Warm runners above demand as a percentage of it (the larger of this and --concurrency-buffer applies).
+    #[arg(long)]
+    concurrency_buffer_perc: Option<u32>,
+    /// Seconds an idle runner is kept.
+    #[arg(long)]
+    keep_alive: Option<u64>,
+    /// Seconds a request waits in the queue before a runner is started for it.
+    #[arg(long)]
+    scaling_delay: Option<u64>,
+    /// Requests one runner serves at once.
+    #[arg(long)]
+    max_multiplexing: Option<u32>,
+    /// Seconds a runner has to become ready.
+    #[arg(long)]
+    startup_timeout: Option<u64>,
+    /// Seconds a request may run.
+    #[arg(long)]
+    request_timeout: Option<u64>,
+    /// CPU cores per runner (0: all of the runner budget).
+    #[arg(long)]
+    cpu_threads: Option<u32>,
+    /// GPU memory per runner in MiB (0: no GPU).
+    #[arg(long)]
+    gpu_memory_mb: Option<u64>,
+    /// Drop every run-time change: back to the app's deployed knobs.
+    #[arg(long, conflicts_with_all = ["min_concurrency", "max_concurrency", "concurrency_buffer",
+        "concurrency_buffer_perc", "keep_alive", "scaling_delay", "max_multiplexing", "startup_timeout",
+        "request_timeout", "cpu_threads", "gpu_memory_mb"])]
+    reset: bool,
 }
 
 fn init_tracing(filter: &str, format: &str) {
@@ -237,7 +300,7 @@ fn main() -> anyhow::Result<()> {
     // One TLS provider for every client the process builds, including the object store's (S3).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let res = rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
             Command::Runner(a) => {
@@ -262,6 +325,7 @@ fn main() -> anyhow::Result<()> {
                         )),
                         _ => None,
                     },
+                    slot: a.slot,
                 })
                 .await
             }
@@ -270,20 +334,36 @@ fn main() -> anyhow::Result<()> {
             Command::Runners { data, command: RunnersCommand::Ls } => {
                 let c = client::Client::admin(&data.data_dir)?;
                 let v = c.get("/v1/runners").await?;
-                println!("{:<38} {:<24} {:<8} {:>7} {:>5}", "RUNNER", "APP", "STATE", "PID", "JOBS");
+                println!(
+                    "{:<38} {:<24} {:<10} {:>7} {:>5}  {:<8} {}",
+                    "RUNNER", "APP", "STATE", "PID", "JOBS", "CPUS", "NOTE"
+                );
                 for r in v["runners"].as_array().cloned().unwrap_or_default() {
+                    let cpus: Vec<String> = r["cpus"]
+                        .as_array()
+                        .map(|a| a.iter().map(|c| c.to_string()).collect())
+                        .unwrap_or_default();
+                    let kind = if r["slot"].is_null() { "remote" } else { "" };
+                    let note = [kind, r["message"].as_str().unwrap_or("")]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     println!(
-                        "{:<38} {:<24} {:<8} {:>7} {:>2}/{:<2}",
+                        "{:<38} {:<24} {:<10} {:>7} {:>2}/{:<2}  {:<8} {}",
                         r["runner_id"].as_str().unwrap_or(""),
                         r["app_id"].as_str().unwrap_or(""),
                         r["state"].as_str().unwrap_or(""),
                         r["pid"],
                         r["in_flight"].as_array().map_or(0, |a| a.len()),
-                        r["max_multiplexing"]
+                        r["max_multiplexing"],
+                        cpus.join(","),
+                        note
                     );
                 }
                 Ok(())
             }
+            Command::Apps { data, command } => apps_cmd(&data.data_dir, command).await,
             Command::Requests { data, command } => requests_cmd(&data.data_dir, command).await,
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
@@ -293,7 +373,71 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Migrate(a) => migrate_cmd(a).await,
         }
-    })
+    });
+    // Blocking reads (a runner's stdin watch) must not hold the exit up.
+    rt.shutdown_background();
+    res
+}
+
+async fn apps_cmd(data_dir: &std::path::Path, command: AppsCommand) -> anyhow::Result<()> {
+    let c = client::Client::admin(data_dir)?;
+    match command {
+        AppsCommand::Ls => {
+            let v = c.get("/v1/apps").await?;
+            println!("{:<28} {:>4} {:>4} {:>4} {:>10} {:>6}  TITLE", "APP", "MIN", "MAX", "MUX", "KEEP_ALIVE", "CPUS");
+            for a in v["apps"].as_array().cloned().unwrap_or_default() {
+                let s = &a["scaling"];
+                println!(
+                    "{:<28} {:>4} {:>4} {:>4} {:>9}s {:>6}  {}",
+                    a["id"].as_str().unwrap_or(""),
+                    s["min_concurrency"].to_string(),
+                    s["max_concurrency"].to_string(),
+                    s["max_multiplexing"].to_string(),
+                    s["keep_alive"].to_string(),
+                    s["cpu_threads"].to_string(),
+                    a["title"].as_str().unwrap_or("")
+                );
+            }
+        }
+        AppsCommand::Scale(a) => {
+            let path = format!("/v1/apps/{}/scale", a.app.trim_matches('/'));
+            let mut patch = serde_json::Map::new();
+            let mut put = |k: &str, v: Option<u64>| {
+                if let Some(v) = v {
+                    patch.insert(k.into(), v.into());
+                }
+            };
+            put("min_concurrency", a.min_concurrency.map(u64::from));
+            put("max_concurrency", a.max_concurrency.map(u64::from));
+            put("concurrency_buffer", a.concurrency_buffer.map(u64::from));
+            put("concurrency_buffer_perc", a.concurrency_buffer_perc.map(u64::from));
+            put("keep_alive", a.keep_alive);
+            put("scaling_delay", a.scaling_delay);
+            put("max_multiplexing", a.max_multiplexing.map(u64::from));
+            put("startup_timeout", a.startup_timeout);
+            put("request_timeout", a.request_timeout);
+            put("cpu_threads", a.cpu_threads.map(u64::from));
+            put("gpu_memory_mb", a.gpu_memory_mb);
+            let v = if a.reset {
+                c.delete(&path).await?
+            } else if patch.is_empty() {
+                c.get(&path).await?
+            } else {
+                c.patch(&path, &serde_json::Value::Object(patch)).await?
+            };
+            let overrides: Vec<&String> = v["overrides"].as_object().map(|o| o.keys().collect()).unwrap_or_default();
+            println!("{}", v["app_id"].as_str().unwrap_or(""));
+            if let Some(s) = v["scaling"].as_object() {
+                for (k, val) in s {
+                    let mark = if overrides.contains(&k) { "  (changed at run time)" } else { "" };
+                    println!("  {k:<24} {val}{mark}");
+                }
+            }
+            let runners = v["runners"].as_array().map_or(0, |r| r.len());
+            println!("  runners now: {runners}");
+        }
+    }
+    Ok(())
 }
 
 fn shell_quote(s: &str) -> String {

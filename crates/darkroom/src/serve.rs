@@ -123,6 +123,20 @@ pub struct ServeArgs {
     /// Do not start local runner processes for the built-in apps (runners join with `darkroom runner`).
     #[arg(long, env = "DARKROOM_NO_LOCAL_RUNNERS")]
     pub no_local_runners: bool,
+    /// CPU cores local runners may use (each runner is pinned to its app's `cpu_threads` of them; they are never
+    /// shared). Default: every core this process may use.
+    #[arg(long, env = "DARKROOM_RUNNER_CPUS")]
+    pub runner_cpus: Option<usize>,
+    /// GPUs for local runners: `auto` (nvidia-smi), `none`, or a list like `0:24GiB,1:16GiB` (declared by hand or
+    /// simulated). Runners of apps with `gpu_memory_mb` go to the GPU with the most free memory.
+    #[arg(long, env = "DARKROOM_GPUS", default_value = "auto")]
+    pub gpus: String,
+    /// Forget run-time scaling changes (`darkroom apps scale`) and start from the apps' deployed knobs.
+    #[arg(long)]
+    pub reset_scale: bool,
+    /// On SIGTERM, seconds to let running requests finish before the rest are handed back to the queue.
+    #[arg(long, env = "DARKROOM_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 /// Writes a file readable only by its owner.
@@ -267,6 +281,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         file_url_ttl: std::time::Duration::from_secs(a.file_url_ttl_secs.max(60)),
         files_expire_after: (a.files_expire_days > 0)
             .then(|| std::time::Duration::from_secs(a.files_expire_days * 86_400)),
+        reset_scale: a.reset_scale,
         ..GatewayConfig::default()
     };
     let apps = darkroom_models::builtin_specs();
@@ -305,30 +320,33 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     gw.start_background();
     let server = tokio::spawn(darkroom_gateway::server::serve(listener, gw.router(), tls_config, gw.shutdown.clone()));
 
-    let runners_shutdown = tokio_util_shutdown();
-    let mut supervisors = Vec::new();
-    if !a.no_local_runners {
-        let exe = std::env::current_exe().context("finding the darkroom executable")?;
-        for app in gw.apps.keys() {
-            let token = gw.mint_runner_token(Some(app)).await?;
-            let spec = darkroom_runner::local::LocalRunnerSpec {
-                exe: exe.clone(),
-                app_id: app.clone(),
-                gateway_url: local_url.clone(),
-                token,
-                ca_cert: tls_files.as_ref().and_then(|t| t.ca_cert.clone()),
-                nice: 10,
-                // Local runners share the storage and read stored inputs directly.
-                env: vec![
-                    ("DARKROOM_STORAGE".into(), storage_spec.clone()),
-                    ("DARKROOM_FILES_KEY".into(), gw.signer.key_hex()),
-                    ("DARKROOM_FETCH_ALLOW".into(), a.fetch_allow.clone()),
-                    ("DARKROOM_MAX_INPUT_SIZE".into(), a.max_input_size.to_string()),
-                ],
-            };
-            supervisors.push(tokio::spawn(darkroom_runner::local::supervise(spec, runners_shutdown.clone())));
-        }
-    }
+    let gpus = match a.gpus.trim() {
+        "auto" => darkroom_gateway::fleet::detect_gpus(),
+        spec => darkroom_core::scaling::Inventory::parse_gpus(spec).map_err(|e| anyhow::anyhow!("--gpus: {e}"))?,
+    };
+    let local = if a.no_local_runners {
+        None
+    } else {
+        Some(darkroom_gateway::fleet::LocalRunners {
+            exe: std::env::current_exe().context("finding the darkroom executable")?,
+            gateway_url: local_url.clone(),
+            ca_cert: tls_files.as_ref().and_then(|t| t.ca_cert.clone()),
+            nice: 10,
+            // Local runners share the storage and read stored inputs directly.
+            env: vec![
+                ("DARKROOM_STORAGE".into(), storage_spec.clone()),
+                ("DARKROOM_FILES_KEY".into(), gw.signer.key_hex()),
+                ("DARKROOM_FETCH_ALLOW".into(), a.fetch_allow.clone()),
+                ("DARKROOM_MAX_INPUT_SIZE".into(), a.max_input_size.to_string()),
+            ],
+            inventory: darkroom_core::scaling::Inventory {
+                cpus: darkroom_gateway::fleet::cpu_inventory(a.runner_cpus),
+                gpus,
+            },
+            stop_grace: std::time::Duration::from_secs(a.drain_timeout_secs.max(1)),
+        })
+    };
+    darkroom_gateway::fleet::Fleet::start(&gw, local);
 
     let info = ServerInfo {
         url: url.clone(),
@@ -351,13 +369,24 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = gw.dead.cancelled() => {}
     }
+    // Drain: nothing new is assigned or started; running requests get --drain-timeout-secs to finish. Queued ones
+    // stay queued (durable) for the next start; submits are still accepted meanwhile.
+    let drain = std::time::Duration::from_secs(a.drain_timeout_secs);
+    let in_flight = gw.hub.in_flight_count();
+    tracing::info!(in_flight, timeout_s = drain.as_secs(), "draining");
+    gw.fleet.drain(&gw);
+    let deadline = std::time::Instant::now() + drain;
+    while !gw.dead.is_cancelled() && gw.hub.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = gw.hub.in_flight_count();
+    if left > 0 {
+        tracing::warn!(left, "drain timeout: the requests still running go back to the queue");
+    }
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(dir.join("server.json"));
-    // Runners first, so their leases are released (requeued) while the store is still open.
-    runners_shutdown.cancel();
-    for s in supervisors {
-        let _ = s.await;
-    }
+    // Runners first, so leases still held are released (requeued) while the store is still open.
+    gw.fleet.stop_all(std::time::Duration::from_secs(2)).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !gw.hub.list().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -387,8 +416,4 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
 enum StoreCloser {
     Sqlite(Arc<SqliteStore>),
     Pg(Arc<darkroom_store::PgStore>),
-}
-
-fn tokio_util_shutdown() -> tokio_util::sync::CancellationToken {
-    tokio_util::sync::CancellationToken::new()
 }

@@ -102,7 +102,14 @@ impl Server {
                 .json()
                 .await
                 .unwrap();
-            let rs = v["runners"].as_array().cloned().unwrap_or_default();
+            // Runners ready for work; the fleet also lists starting and ended ones.
+            let rs: Vec<Value> = v["runners"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| matches!(r["state"].as_str(), Some("IDLE" | "RUNNING")))
+                .collect();
             if rs.len() >= n {
                 return rs;
             }
