@@ -30,7 +30,8 @@ pub struct ScalingKnobs {
     pub startup_timeout: u64,
     /// Seconds a request may run before it fails with `request_timeout`.
     pub request_timeout: u64,
-    /// CPU cores one runner gets (pinned); 0: all of the machine's runner budget.
+    /// CPU cores one runner gets, pinned and never shared (more than the runner budget: all of it). 0: none
+    /// reserved and not pinned, for apps that do no CPU work of their own.
     pub cpu_threads: u32,
     /// GPU memory one runner needs, in MiB; 0: no GPU.
     pub gpu_memory_mb: u64,
@@ -402,7 +403,7 @@ pub struct Allocation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub app_id: String,
-    /// CPU cores (0: all of them).
+    /// CPU cores (0: none reserved; more than the budget: all of it).
     pub threads: u32,
     /// GPU memory in MiB (0: no GPU).
     pub gpu_mb: u64,
@@ -424,7 +425,7 @@ pub enum Placement {
 fn try_fit(inv: &Inventory, allocs: &[&Allocation], req: &Request) -> Result<(Vec<usize>, Option<(u32, u64)>), Short> {
     let used: std::collections::HashSet<usize> = allocs.iter().flat_map(|a| a.cpus.iter().copied()).collect();
     let free: Vec<usize> = inv.cpus.iter().copied().filter(|c| !used.contains(c)).collect();
-    let want = if req.threads == 0 { inv.cpus.len() } else { (req.threads as usize).min(inv.cpus.len()) }.max(1);
+    let want = (req.threads as usize).min(inv.cpus.len());
     let cpu_short = free.len() < want;
     let mut gpu = None;
     let mut gpu_short = false;
@@ -456,12 +457,13 @@ struct Short {
 }
 
 /// Places a new runner: on free cores and the GPU with the most free memory; if nothing is free, by evicting idle
-/// runners least recently used first (only those whose release helps what is short).
+/// runners of other apps, least recently used first (only those whose release helps what is short). The app's own
+/// runners are never evicted for it: that would trade one runner for another.
 pub fn place(inv: &Inventory, allocs: &[Allocation], req: &Request) -> Placement {
     if req.gpu_mb > 0 && !inv.gpus.iter().any(|g| g.total_mb.saturating_sub(g.used_mb) >= req.gpu_mb) {
         return Placement::Never(format!("no GPU has {} MiB free", req.gpu_mb));
     }
-    if inv.cpus.is_empty() {
+    if inv.cpus.is_empty() && req.threads > 0 {
         return Placement::Never("no CPU cores in the runner budget".into());
     }
     let mut kept: Vec<&Allocation> = allocs.iter().collect();
@@ -469,7 +471,8 @@ pub fn place(inv: &Inventory, allocs: &[Allocation], req: &Request) -> Placement
         Ok((cpus, gpu)) => return Placement::Fits { cpus, gpu },
         Err(s) => s,
     };
-    let mut candidates: Vec<&Allocation> = allocs.iter().filter(|a| a.idle_since.is_some()).collect();
+    let mut candidates: Vec<&Allocation> =
+        allocs.iter().filter(|a| a.idle_since.is_some() && a.app_id != req.app_id).collect();
     candidates.sort_by_key(|a| (a.idle_since, a.runner.clone()));
     let mut victims = Vec::new();
     for c in candidates {

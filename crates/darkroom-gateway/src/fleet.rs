@@ -589,14 +589,16 @@ async fn spawn_slot(
     if let Some(ca) = &local.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }
-    let threads = cpus.len().max(1).to_string();
     cmd.envs(local.env.iter().map(|(k, v)| (k, v)))
         .env("DARKROOM_RUNNER_TOKEN", &token)
         .env("DARKROOM_RUNNER_SLOT", slot_id)
-        .env("DARKROOM_THREADS", &threads)
-        .env("RAYON_NUM_THREADS", &threads)
-        .env("OMP_NUM_THREADS", &threads)
-        .env("CUDA_VISIBLE_DEVICES", gpu.map(|(i, _)| i.to_string()).unwrap_or_default())
+        .env("CUDA_VISIBLE_DEVICES", gpu.map(|(i, _)| i.to_string()).unwrap_or_default());
+    if !cpus.is_empty() {
+        // Thread pools sized to the cores it is pinned to.
+        let threads = cpus.len().to_string();
+        cmd.env("DARKROOM_THREADS", &threads).env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads);
+    }
+    cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())

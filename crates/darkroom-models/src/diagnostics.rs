@@ -82,7 +82,8 @@ impl Model for Diagnostics {
                 min_concurrency: 1,
                 max_concurrency: 4,
                 max_multiplexing: 8,
-                cpu_threads: 1,
+                // It does no CPU work of its own: no cores reserved.
+                cpu_threads: 0,
                 ..Default::default()
             },
             true,

@@ -270,7 +270,7 @@ struct ScaleArgs {
     /// Seconds a request may run.
     #[arg(long)]
     request_timeout: Option<u64>,
-    /// CPU cores per runner (0: all of the runner budget).
+    /// CPU cores per runner, pinned and never shared (0: none reserved, not pinned).
     #[arg(long)]
     cpu_threads: Option<u32>,
     /// GPU memory per runner in MiB (0: no GPU).

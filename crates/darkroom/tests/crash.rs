@@ -86,6 +86,8 @@ async fn fake_runner_id(
         protocol: PROTOCOL_VERSION,
         app_id: APP.into(),
         max_multiplexing: 1,
+        slot: None,
+        state: None,
         pid: 1,
         hints,
         version: "test".into(),

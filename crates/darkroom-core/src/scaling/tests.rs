@@ -198,10 +198,10 @@ fn cpu_budget_is_never_oversubscribed() {
     // Two single-thread runners fill 2 cores: a third waits (both busy).
     let full = [alloc("r1", "a", &[0], None, None), alloc("r2", "b", &[1], None, None)];
     assert_eq!(place(&inv, &full, &req("c", 1, 0)), Placement::Wait);
-    // threads 0 means the whole budget; more than the budget is clamped to it.
-    assert_eq!(place(&inv, &[], &req("a", 0, 0)), Placement::Fits { cpus: vec![0, 1], gpu: None });
+    // threads 0 reserves nothing (and always fits); more than the budget is clamped to it.
+    assert_eq!(place(&inv, &full, &req("c", 0, 0)), Placement::Fits { cpus: vec![], gpu: None });
     assert_eq!(place(&inv, &[], &req("a", 8, 0)), Placement::Fits { cpus: vec![0, 1], gpu: None });
-    assert_eq!(place(&inv, &a, &req("b", 0, 0)), Placement::Wait);
+    assert_eq!(place(&inv, &a, &req("b", 8, 0)), Placement::Wait);
 }
 
 #[test]
@@ -242,6 +242,17 @@ fn lru_eviction_frees_the_gpu_for_a_new_app() {
     // Busy runners are never evicted.
     let busy = [alloc("busy", "c", &[0], Some((0, 20_000)), None)];
     assert_eq!(place(&inv, &busy, &req("new", 1, 10_000)), Placement::Wait);
+}
+
+#[test]
+fn an_app_never_evicts_its_own_runners() {
+    let inv = inv(2, &[]);
+    let allocs = [alloc("a1", "a", &[0], None, Some(1)), alloc("a2", "a", &[1], None, Some(2))];
+    assert_eq!(place(&inv, &allocs, &req("a", 1, 0)), Placement::Wait);
+    match place(&inv, &allocs, &req("b", 1, 0)) {
+        Placement::Evict { victims, cpus, .. } => assert_eq!((victims, cpus), (vec!["a1".to_string()], vec![0])),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -371,6 +382,7 @@ proptest! {
             for v in &victims {
                 let a = allocs.iter().find(|a| &a.runner == v).unwrap();
                 prop_assert!(a.idle_since.is_some(), "evicted a busy runner");
+                prop_assert!(a.app_id != r.app_id, "evicted its own app's runner");
             }
             allocs.retain(|a| !victims.contains(&a.runner));
             allocs.push(alloc(&format!("r{i}"), &r.app_id, &cpus, gpu, goes_idle.then_some(i as i64)));

@@ -42,6 +42,8 @@ impl Server {
             .arg("127.0.0.1:0")
             .args(&args)
             .env("DARKROOM_LOG", "warn")
+            // Tests that end with requests still running should not wait out the default drain.
+            .env("DARKROOM_DRAIN_TIMEOUT_SECS", "1")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .spawn()
@@ -223,6 +225,34 @@ impl Server {
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let text = self.http.get(format!("{}/metrics", self.url)).send().await.ok()?.text().await.ok()?;
         text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// A request with the admin key: (status, JSON body).
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self.http.request(method, format!("{}{path}", self.url)).header("authorization", self.auth());
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every runner the fleet lists (all states).
+    pub async fn runners(&self) -> Vec<Value> {
+        self.call(reqwest::Method::GET, "/v1/runners", None).await.1["runners"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `f` holds for the runner list; returns it.
+    pub async fn wait_fleet(&self, what: &str, f: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rs = self.runners().await;
+            if f(&rs) {
+                return rs;
+            }
+            assert!(Instant::now() < deadline, "{what}: {rs:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn post_json(&self, path: &str, body: Value) -> Value {
