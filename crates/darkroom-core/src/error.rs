@@ -68,7 +68,8 @@ catalog! {
     RequestPayloadDeleted = (410, "request_payload_deleted"),
     /// The request was cancelled by its owner or because its client went away.
     RequestCancelled = (499, "request_cancelled"),
-    /// The request did not start before its `X-Fal-Request-Timeout` deadline.
+    /// The request did not start before its `X-Fal-Request-Timeout` deadline, or ran longer than its app's
+    /// `request_timeout`.
     RequestTimeout = (504, "request_timeout"),
     /// The runner serving the request was lost and the retry limit was reached (or retries were disabled).
     RunnerDisconnected = (503, "runner_disconnected"),

@@ -216,6 +216,8 @@ pub enum StopReason {
     OverMax,
     /// Not ready within `startup_timeout`.
     StartupTimeout,
+    /// Still fetching weights or its environment (PULL) after the pull timeout.
+    PullTimeout,
 }
 
 impl StopReason {
@@ -224,6 +226,7 @@ impl StopReason {
             StopReason::Idle => "idle",
             StopReason::OverMax => "over_max_concurrency",
             StopReason::StartupTimeout => "startup_timeout",
+            StopReason::PullTimeout => "pull_timeout",
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use darkroom_core::Millis;
 use darkroom_core::scaling::{
-    AppLoad, Allocation, Inventory, Phase, Placement, Request, RunnerView, ScalingKnobs, ScalingPatch, StopReason,
+    Allocation, AppLoad, Inventory, Phase, Placement, Request, RunnerView, ScalingKnobs, ScalingPatch, StopReason,
     autoscale, place,
 };
 use tokio::sync::Notify;
@@ -40,6 +40,8 @@ pub struct LocalRunners {
     pub inventory: Inventory,
     /// How long a stopped runner has to drain and exit before it is killed.
     pub stop_grace: Duration,
+    /// How long a runner may stay in PULL (fetching weights); `startup_timeout` counts from the end of PULL.
+    pub pull_timeout: Duration,
 }
 
 impl std::fmt::Debug for LocalRunners {
@@ -345,6 +347,12 @@ fn views(gw: &Gateway, fleet: &Fleet, app_id: &str, now: Millis) -> Vec<RunnerVi
             connected.insert(s.id.clone());
         }
         let stopping = slot.is_some_and(|s| s.state == SlotState::Stopping);
+        // PULL has its own timeout: startup_timeout counts from process start, or from the end of PULL.
+        let started_at = match (c.phase, c.pulled_at) {
+            (ConnPhase::Pull, _) => now,
+            (_, Some(p)) => p,
+            _ => slot.and_then(|s| s.started_at).unwrap_or(c.connected_at),
+        };
         let phase = match c.phase {
             _ if stopping => Phase::Draining,
             ConnPhase::Draining => Phase::Draining,
@@ -357,7 +365,7 @@ fn views(gw: &Gateway, fleet: &Fleet, app_id: &str, now: Millis) -> Vec<RunnerVi
             phase,
             managed: slot.is_some(),
             in_flight: c.in_flight.len() as u32,
-            started_at: slot.and_then(|s| s.started_at).unwrap_or(c.connected_at),
+            started_at,
             last_active_at: c.last_active_at,
             served: c.served,
         });
@@ -398,6 +406,19 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
         gw.store.app_depths().await?.into_iter().map(|d| (d.app_id.clone(), d)).collect();
     let mut apps: Vec<&String> = gw.apps.keys().collect();
     apps.sort();
+    // Runners stuck fetching weights.
+    let pulling: Vec<String> = gw
+        .hub
+        .runners
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|c| c.pull_since.is_some_and(|t| now - t > local.pull_timeout.as_millis() as Millis))
+        .filter_map(|c| c.slot.clone())
+        .collect();
+    for slot in pulling {
+        stop_slot(gw, &slot, StopReason::PullTimeout, true);
+    }
     let mut queued_apps = std::collections::HashSet::new();
     for app in apps {
         let knobs = fleet.knobs(app);
@@ -538,7 +559,7 @@ fn stop_slot(gw: &Gateway, slot_id: &str, reason: StopReason, only_if_idle: bool
             s.state = SlotState::Stopping;
             s.reason = Some(reason.as_str().into());
             s.stop.cancel();
-            if reason == StopReason::StartupTimeout {
+            if matches!(reason, StopReason::StartupTimeout | StopReason::PullTimeout) {
                 bump_backoff(gw, &s.app_id.clone(), s.started_at);
             }
         }
@@ -598,12 +619,7 @@ async fn spawn_slot(
         let threads = cpus.len().to_string();
         cmd.env("DARKROOM_THREADS", &threads).env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads);
     }
-    cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::inherit()).stderr(Stdio::inherit()).process_group(0).kill_on_drop(true);
     let nice = local.nice;
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET only writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };

@@ -69,6 +69,9 @@ pub(crate) struct Conn {
     pub(crate) hints: Vec<String>,
     pub(crate) connected_at: i64,
     pub(crate) phase: ConnPhase,
+    /// When it entered PULL (None unless pulling), and when it left PULL.
+    pub(crate) pull_since: Option<i64>,
+    pub(crate) pulled_at: Option<i64>,
     pub(crate) message: Option<String>,
     pub(crate) ready_at: Option<i64>,
     pub(crate) last_active_at: i64,
@@ -193,9 +196,7 @@ impl Hub {
             return Some(c.runner_id.clone());
         }
         free.iter()
-            .max_by_key(|c| {
-                (c.declared_mux.min(mux) as usize - c.in_flight.len(), std::cmp::Reverse(c.connected_at))
-            })
+            .max_by_key(|c| (c.declared_mux.min(mux) as usize - c.in_flight.len(), std::cmp::Reverse(c.connected_at)))
             .map(|c| c.runner_id.clone())
     }
 
@@ -402,6 +403,8 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
             hints,
             connected_at: now,
             phase,
+            pull_since: (phase == ConnPhase::Pull).then_some(now),
+            pulled_at: None,
             message: None,
             ready_at: (phase == ConnPhase::Ready).then_some(now),
             last_active_at: now,
@@ -542,6 +545,12 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                         if phase == ConnPhase::Ready && c.ready_at.is_none() {
                             c.ready_at = Some(now);
                             c.last_active_at = now;
+                        }
+                        if phase == ConnPhase::Pull && c.phase != ConnPhase::Pull {
+                            c.pull_since = Some(now);
+                        } else if phase != ConnPhase::Pull && c.phase == ConnPhase::Pull {
+                            c.pull_since = None;
+                            c.pulled_at = Some(now);
                         }
                         c.phase = phase;
                     }

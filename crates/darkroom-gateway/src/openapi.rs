@@ -131,7 +131,12 @@ pub async fn platform_openapi() -> Response {
             "/v1/keys": {"get": op("List keys", "Admin: all keys; client: the owner's."), "post": op("Create a key", "Admin only. Body {name, scope: client|admin, owner_id}. The secret is shown once.")},
             "/v1/keys/{key_id}": {"delete": op("Revoke a key", "Admin only.")},
             "/v1/runner-tokens": {"post": op("Mint a runner token", "Admin only. Valid for this server boot. Body {app_id}.")},
-            "/v1/runners": {"get": op("List runners", "Admin only.")},
+            "/v1/runners": {"get": op("List runners", "Admin only. Connected runners and the fleet's starting and ended ones, with their state.")},
+            "/v1/apps/{owner}/{alias}/scale": {
+                "get": op("App scaling", "The knobs in effect, as deployed, and the run-time overrides."),
+                "patch": op("Change scaling", "Admin only. Body: any of fal's knobs; kept across restarts until reset."),
+                "delete": op("Reset scaling", "Admin only. Back to the knobs as deployed."),
+            },
             "/v1/requests": {"get": op("List requests", "Owner-scoped, newest first. Query app_id, status, limit.")},
             "/v1/apps": {"get": op("List apps", "Every registered app.")},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "OK"}}}},

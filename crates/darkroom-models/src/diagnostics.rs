@@ -90,9 +90,16 @@ impl Model for Diagnostics {
         )
     }
 
-    /// `DARKROOM_DIAGNOSTICS_SETUP_MS` makes setup take that long (to exercise cold starts and `startup_timeout`).
+    /// `DARKROOM_DIAGNOSTICS_PULL_MS` and `DARKROOM_DIAGNOSTICS_SETUP_MS` make its PULL and SETUP take that long (to
+    /// exercise cold starts and their timeouts); it has no weights to fetch.
     async fn setup(&self, report: &crate::SetupReporter) -> Result<(), String> {
-        let ms: u64 = std::env::var("DARKROOM_DIAGNOSTICS_SETUP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let env_ms = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let pull = env_ms("DARKROOM_DIAGNOSTICS_PULL_MS");
+        if pull > 0 {
+            report.stage(crate::SetupStage::Pull, format!("simulated download of {pull} ms"));
+            tokio::time::sleep(Duration::from_millis(pull)).await;
+        }
+        let ms = env_ms("DARKROOM_DIAGNOSTICS_SETUP_MS");
         if ms > 0 {
             report.stage(crate::SetupStage::Setup, format!("simulated setup of {ms} ms"));
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -262,6 +262,11 @@ async fn connect_and_serve(
     let mut jobs: HashMap<String, Running> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
     let mut draining = false;
+    // What it is doing while not ready yet (the hello carries the state, this the message).
+    let (state, message) = phase.borrow().wire();
+    if state != "ready" {
+        let _ = out_tx.send(RunnerFrame::State { state: state.into(), message });
+    }
     if drain.is_cancelled() {
         draining = true;
         let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });

@@ -574,7 +574,10 @@ pub async fn scaling_overrides_and_cold_starts_are_kept(s: &dyn Store) {
     s.set_app_scaling("o/b", Some(r#"{"keep_alive":5}"#), 10).await.unwrap();
     s.set_app_scaling("o/a", Some(r#"{"max_concurrency":3}"#), 20).await.unwrap();
     let all = s.list_app_scaling().await.unwrap();
-    assert_eq!(all, vec![("o/a".into(), r#"{"max_concurrency":3}"#.into()), ("o/b".into(), r#"{"keep_alive":5}"#.into())]);
+    assert_eq!(
+        all,
+        vec![("o/a".into(), r#"{"max_concurrency":3}"#.into()), ("o/b".into(), r#"{"keep_alive":5}"#.into())]
+    );
     s.set_app_scaling("o/b", None, 30).await.unwrap();
     s.set_app_scaling("o/none", None, 30).await.unwrap();
     assert_eq!(s.list_app_scaling().await.unwrap().len(), 1);

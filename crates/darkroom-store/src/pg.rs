@@ -1111,15 +1111,14 @@ impl Store for PgStore {
     }
 
     async fn set_cold_start(&self, job_id: &str, token: i64, ms: i64) -> StoreResult<bool> {
-        let n = sqlx::query(
-            "UPDATE jobs SET cold_start_ms = $1 WHERE id = $2 AND attempts = $3 AND state != 'completed'",
-        )
-        .bind(ms)
-        .bind(job_id)
-        .bind(token)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let n =
+            sqlx::query("UPDATE jobs SET cold_start_ms = $1 WHERE id = $2 AND attempts = $3 AND state != 'completed'")
+                .bind(ms)
+                .bind(job_id)
+                .bind(token)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         Ok(n == 1)
     }
 

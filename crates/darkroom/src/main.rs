@@ -339,10 +339,8 @@ fn main() -> anyhow::Result<()> {
                     "RUNNER", "APP", "STATE", "PID", "JOBS", "CPUS", "NOTE"
                 );
                 for r in v["runners"].as_array().cloned().unwrap_or_default() {
-                    let cpus: Vec<String> = r["cpus"]
-                        .as_array()
-                        .map(|a| a.iter().map(|c| c.to_string()).collect())
-                        .unwrap_or_default();
+                    let cpus: Vec<String> =
+                        r["cpus"].as_array().map(|a| a.iter().map(|c| c.to_string()).collect()).unwrap_or_default();
                     let kind = if r["slot"].is_null() { "remote" } else { "" };
                     let note = [kind, r["message"].as_str().unwrap_or("")]
                         .into_iter()

@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// On SIGTERM, seconds to let running requests finish before the rest are handed back to the queue.
     #[arg(long, env = "DARKROOM_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Seconds a local runner may spend fetching weights (its PULL state) before it is stopped; the app's
+    /// startup_timeout counts from the end of PULL.
+    #[arg(long, env = "DARKROOM_PULL_TIMEOUT_SECS", default_value_t = 3600)]
+    pub pull_timeout_secs: u64,
 }
 
 /// Writes a file readable only by its owner.
@@ -344,6 +348,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 gpus,
             },
             stop_grace: std::time::Duration::from_secs(a.drain_timeout_secs.max(1)),
+            pull_timeout: std::time::Duration::from_secs(a.pull_timeout_secs.max(1)),
         })
     };
     darkroom_gateway::fleet::Fleet::start(&gw, local);

@@ -76,7 +76,8 @@ async fn scales_from_zero_to_max_concurrency_and_back() {
     }
     assert!(cold >= 3, "the first wave waited for cold starts ({cold})");
     // And back to zero after keep_alive, the ended runners listed as TERMINATED.
-    let rs = s.wait_fleet("scaled back to zero", |rs| count(rs, APP, LIVE) == 0 && count(rs, APP, &["DRAINING"]) == 0).await;
+    let rs =
+        s.wait_fleet("scaled back to zero", |rs| count(rs, APP, LIVE) == 0 && count(rs, APP, &["DRAINING"]) == 0).await;
     assert!(count(&rs, APP, &["TERMINATED"]) >= 3, "{rs:#?}");
     let text = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
     assert!(text.contains(&format!("darkroom_runners{{app=\"{APP}\",state=\"TERMINATED\"}}")), "{text}");
@@ -260,7 +261,8 @@ async fn sigterm_drains_running_requests_and_keeps_queued_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Server::start(dir.path(), &["--drain-timeout-secs", "20"]);
     s.wait_runners(1).await;
-    let running = s.submit(json!({"echo": "running", "sleep_ms": 1500})).await["request_id"].as_str().unwrap().to_string();
+    let running =
+        s.submit(json!({"echo": "running", "sleep_ms": 1500})).await["request_id"].as_str().unwrap().to_string();
     s.wait_status(&running, "IN_PROGRESS").await;
     let child = s.child.take().unwrap();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -350,4 +352,18 @@ async fn a_sigstopped_remote_runner_loses_its_lease_and_its_late_work_is_refused
         };
         assert!(st.success(), "{st:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_stuck_fetching_weights_hits_the_pull_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let s =
+        Server::start_with_env(dir.path(), &["--pull-timeout-secs", "1"], &[("DARKROOM_DIAGNOSTICS_PULL_MS", "30000")]);
+    let rs = s.wait_fleet("a runner in PULL", |rs| count(rs, APP, &["PULL"]) == 1).await;
+    let r = rs.iter().find(|r| r["state"] == "PULL").unwrap();
+    assert!(r["message"].as_str().is_some_and(|m| m.contains("download")), "{r}");
+    s.wait_fleet("stopped for pull_timeout", |rs| {
+        rs.iter().any(|r| r["state"] == "TERMINATED" && r["message"] == "pull_timeout")
+    })
+    .await;
 }

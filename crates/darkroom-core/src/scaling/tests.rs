@@ -34,22 +34,22 @@ fn runner(id: &str, phase: Phase, in_flight: u32, idle_for: Millis, served: u64)
 fn desired_table() {
     // (queued, waited, in_flight, min, max, mux, buffer, perc, delay) -> desired
     let rows: &[(u64, Millis, u64, u32, u32, u32, u32, u32, u64, u32)] = &[
-        (0, 0, 0, 0, 4, 1, 0, 0, 0, 0),     // idle app scales to zero
-        (0, 0, 0, 1, 4, 1, 0, 0, 0, 1),     // min_concurrency stays warm
-        (3, 0, 0, 0, 4, 1, 0, 0, 0, 3),     // one runner per queued request
-        (9, 0, 0, 0, 4, 1, 0, 0, 0, 4),     // clamped to max
-        (3, 0, 2, 0, 8, 2, 0, 0, 0, 3),     // ceil(5 / 2)
-        (1, 0, 0, 0, 8, 4, 0, 0, 0, 1),     // multiplexing: one runner takes 4
-        (0, 0, 0, 0, 8, 1, 2, 0, 0, 2),     // buffer with no load
-        (4, 0, 0, 0, 8, 1, 1, 0, 0, 5),     // demand + buffer
-        (4, 0, 0, 0, 8, 1, 0, 50, 0, 6),    // 50 % of 4
-        (3, 0, 0, 0, 8, 1, 0, 50, 0, 5),    // ceil(1.5) = 2
-        (4, 0, 0, 0, 8, 1, 3, 50, 0, 7),    // the larger of buffer and perc
-        (4, 0, 0, 0, 5, 1, 3, 50, 0, 5),    // still clamped
-        (2, 5 * S, 0, 0, 4, 1, 0, 0, 10, 0), // scaling_delay not yet passed
+        (0, 0, 0, 0, 4, 1, 0, 0, 0, 0),       // idle app scales to zero
+        (0, 0, 0, 1, 4, 1, 0, 0, 0, 1),       // min_concurrency stays warm
+        (3, 0, 0, 0, 4, 1, 0, 0, 0, 3),       // one runner per queued request
+        (9, 0, 0, 0, 4, 1, 0, 0, 0, 4),       // clamped to max
+        (3, 0, 2, 0, 8, 2, 0, 0, 0, 3),       // ceil(5 / 2)
+        (1, 0, 0, 0, 8, 4, 0, 0, 0, 1),       // multiplexing: one runner takes 4
+        (0, 0, 0, 0, 8, 1, 2, 0, 0, 2),       // buffer with no load
+        (4, 0, 0, 0, 8, 1, 1, 0, 0, 5),       // demand + buffer
+        (4, 0, 0, 0, 8, 1, 0, 50, 0, 6),      // 50 % of 4
+        (3, 0, 0, 0, 8, 1, 0, 50, 0, 5),      // ceil(1.5) = 2
+        (4, 0, 0, 0, 8, 1, 3, 50, 0, 7),      // the larger of buffer and perc
+        (4, 0, 0, 0, 5, 1, 3, 50, 0, 5),      // still clamped
+        (2, 5 * S, 0, 0, 4, 1, 0, 0, 10, 0),  // scaling_delay not yet passed
         (2, 10 * S, 0, 0, 4, 1, 0, 0, 10, 2), // passed
-        (2, 5 * S, 1, 0, 4, 1, 0, 0, 10, 1), // in-flight work counts at once
-        (0, 0, 0, 3, 3, 1, 2, 0, 0, 3),     // min == max
+        (2, 5 * S, 1, 0, 4, 1, 0, 0, 10, 1),  // in-flight work counts at once
+        (0, 0, 0, 3, 3, 1, 2, 0, 0, 3),       // min == max
     ];
     for &(q, waited, inf, min, max, mux, buf, perc, delay, want) in rows {
         let k = ScalingKnobs {
@@ -88,10 +88,10 @@ fn backoff_holds_starts() {
 fn keep_alive_table() {
     // (idle_for, served, keep_alive, min) -> stopped?
     let rows: &[(Millis, u64, u64, u32, bool)] = &[
-        (59 * S, 3, 60, 0, false), // not idle long enough
-        (60 * S, 3, 60, 0, true),  // keep_alive reached
+        (59 * S, 3, 60, 0, false),  // not idle long enough
+        (60 * S, 3, 60, 0, true),   // keep_alive reached
         (120 * S, 3, 60, 1, false), // min_concurrency keeps it
-        (10 * S, 0, 60, 0, true),  // a fresh runner that never served goes after 10 s
+        (10 * S, 0, 60, 0, true),   // a fresh runner that never served goes after 10 s
         (9 * S, 0, 60, 0, false),
         (3 * S, 0, 2, 0, true), // keep_alive shorter than 10 s applies to fresh runners too
         (1 * S, 5, 2, 0, false),
@@ -284,7 +284,13 @@ fn runners() -> impl Strategy<Value = Vec<RunnerView>> {
         v.into_iter()
             .enumerate()
             .map(|(i, (phase, inf, idle, served, managed))| {
-                let in_flight = if phase == Phase::Running { inf.max(1) } else if phase == Phase::Idle { 0 } else { inf };
+                let in_flight = if phase == Phase::Running {
+                    inf.max(1)
+                } else if phase == Phase::Idle {
+                    0
+                } else {
+                    inf
+                };
                 RunnerView {
                     id: format!("r{i}"),
                     phase,
