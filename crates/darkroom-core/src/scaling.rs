@@ -425,7 +425,10 @@ pub enum Placement {
     Never(String),
 }
 
-fn try_fit(inv: &Inventory, allocs: &[&Allocation], req: &Request) -> Result<(Vec<usize>, Option<(u32, u64)>), Short> {
+/// Cores and a GPU share (index, MiB).
+type Fit = (Vec<usize>, Option<(u32, u64)>);
+
+fn try_fit(inv: &Inventory, allocs: &[&Allocation], req: &Request) -> Result<Fit, Short> {
     let used: std::collections::HashSet<usize> = allocs.iter().flat_map(|a| a.cpus.iter().copied()).collect();
     let free: Vec<usize> = inv.cpus.iter().copied().filter(|c| !used.contains(c)).collect();
     let want = (req.threads as usize).min(inv.cpus.len());

@@ -335,8 +335,8 @@ fn main() -> anyhow::Result<()> {
                 let c = client::Client::admin(&data.data_dir)?;
                 let v = c.get("/v1/runners").await?;
                 println!(
-                    "{:<38} {:<24} {:<10} {:>7} {:>5}  {:<8} {}",
-                    "RUNNER", "APP", "STATE", "PID", "JOBS", "CPUS", "NOTE"
+                    "{:<38} {:<24} {:<10} {:>7} {:>5}  {:<8} NOTE",
+                    "RUNNER", "APP", "STATE", "PID", "JOBS", "CPUS"
                 );
                 for r in v["runners"].as_array().cloned().unwrap_or_default() {
                     let cpus: Vec<String> =

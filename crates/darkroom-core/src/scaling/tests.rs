@@ -31,6 +31,7 @@ fn runner(id: &str, phase: Phase, in_flight: u32, idle_for: Millis, served: u64)
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn desired_table() {
     // (queued, waited, in_flight, min, max, mux, buffer, perc, delay) -> desired
     let rows: &[(u64, Millis, u64, u32, u32, u32, u32, u32, u64, u32)] = &[
@@ -94,7 +95,7 @@ fn keep_alive_table() {
         (10 * S, 0, 60, 0, true),   // a fresh runner that never served goes after 10 s
         (9 * S, 0, 60, 0, false),
         (3 * S, 0, 2, 0, true), // keep_alive shorter than 10 s applies to fresh runners too
-        (1 * S, 5, 2, 0, false),
+        (S, 5, 2, 0, false),
     ];
     for &(idle_for, served, keep, min, stopped) in rows {
         let k = ScalingKnobs { keep_alive: keep, min_concurrency: min, ..knobs() };
