@@ -76,6 +76,9 @@ pub(crate) struct Conn {
     pub(crate) ready_at: Option<i64>,
     pub(crate) last_active_at: i64,
     pub(crate) served: u64,
+    /// When it was last heard from, and how long it may stay silent and still get work.
+    pub(crate) last_seen: i64,
+    pub(crate) quiet_ms: i64,
     tx: mpsc::UnboundedSender<GatewayFrame>,
     /// Job id → (fencing token, when it was assigned).
     pub(crate) in_flight: HashMap<String, (i64, i64)>,
@@ -177,7 +180,8 @@ impl Hub {
 
     /// Picks a ready runner of `app_id` with a free slot (at most `mux` requests each), preferring one matching
     /// `hint`.
-    fn pick(&self, app_id: &str, hint: Option<&str>, mux: u32) -> Option<String> {
+    /// A runner not heard from for two heartbeats (paused, partitioned) gets nothing new.
+    fn pick(&self, app_id: &str, hint: Option<&str>, mux: u32, now: i64) -> Option<String> {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
@@ -187,6 +191,7 @@ impl Hub {
             .filter(|c| {
                 c.app_id == app_id
                     && c.phase == ConnPhase::Ready
+                    && now - c.last_seen <= c.quiet_ms
                     && (c.in_flight.len() as u32) < c.declared_mux.min(mux)
             })
             .collect();
@@ -260,11 +265,11 @@ async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
 async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_store::StoreError> {
     loop {
         let mux = gw.fleet.knobs(app_id).max_multiplexing;
-        if gw.hub.pick(app_id, None, mux).is_none() {
+        if gw.hub.pick(app_id, None, mux, gw.now()).is_none() {
             return Ok(());
         }
         let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
-        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux) else { return Ok(()) };
+        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux, gw.now()) else { return Ok(()) };
         let now = gw.now();
         let Some(job) = gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await? else { continue };
         metrics::job_started(&job, now);
@@ -409,6 +414,8 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
             ready_at: (phase == ConnPhase::Ready).then_some(now),
             last_active_at: now,
             served: 0,
+            last_seen: now,
+            quiet_ms: heartbeat_ms as i64 * 2,
             tx,
             in_flight: HashMap::new(),
         },
@@ -416,7 +423,9 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
     tracing::info!(%runner_id, app = %app_id, pid, slot = ?slot, "runner joined");
     gw.fleet.kick();
     gw.hub.kick(&app_id);
-    let silence = Duration::from_millis(heartbeat_ms * 3);
+    // A silent runner loses its leases when they run out (one lease, the sweeper); its channel is closed only after
+    // two, so a runner that was merely paused comes back to find its work gone and its late frames refused.
+    let silence = Duration::from_millis(heartbeat_ms * 6);
     loop {
         tokio::select! {
             msg = tokio::time::timeout(silence, socket.recv()) => {
@@ -427,6 +436,9 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
                     Err(_) => { tracing::warn!(%runner_id, "runner silent; dropping it"); break; }
                 };
                 // Log lines that are already waiting go to the store in one transaction, ahead of the next frame.
+                if let Some(c) = gw.hub.runners.lock().unwrap().get_mut(&runner_id) {
+                    c.last_seen = gw.now();
+                }
                 let mut frames = vec![text];
                 while frames.len() < 512 {
                     match futures::FutureExt::now_or_never(socket.recv()) {
@@ -519,6 +531,8 @@ async fn flush_logs(gw: &Gateway, runner_id: &str, logs: Vec<(String, i64, LogEn
 }
 
 fn refused(gw: &Gateway, runner_id: &str, job_id: &str, token: i64, reason: &str) {
+    tracing::warn!(%runner_id, request_id = %job_id, token, %reason, "refused a frame from a runner");
+    metrics::frame_refused();
     gw.hub.send(runner_id, GatewayFrame::Refused { job_id: job_id.into(), token, reason: reason.into() });
 }
 

@@ -79,6 +79,11 @@ pub fn cold_start(app: &str, ms: i64) {
     metrics::histogram!("darkroom_cold_start_wait_seconds", "app" => app.to_string()).record(ms.max(0) as f64 / 1000.0);
 }
 
+/// A runner's frame was refused (a stale attempt, a job it does not hold).
+pub fn frame_refused() {
+    metrics::counter!("darkroom_runner_frames_refused_total").increment(1);
+}
+
 /// The fleet started a runner process.
 pub fn runner_started(app: &str) {
     metrics::counter!("darkroom_runner_starts_total", "app" => app.to_string()).increment(1);

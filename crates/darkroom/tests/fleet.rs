@@ -131,6 +131,35 @@ async fn knobs_change_at_run_time_survive_a_restart_and_reset() {
     scale(&s, APP, json!({"keep_alive": 3})).await;
     let (code, v) = s.call(Method::DELETE, &format!("/v1/apps/{APP}/scale"), None).await;
     assert_eq!((code, v["scaling"]["keep_alive"].clone()), (200, json!(60)));
+
+    // The CLI.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_darkroom"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(&["apps", "scale", APP, "--keep-alive", "9", "--max-concurrency", "2"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().any(|l| l.contains("keep_alive") && l.contains('9') && l.contains("changed at run time")),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["apps", "ls"]);
+    assert!(ok && out.lines().any(|l| l.starts_with(APP) && l.contains("9s")), "{out}");
+    let (ok, _, err) = cli(&["apps", "scale", APP, "--min-concurrency", "5"]);
+    assert!(!ok && err.contains("min_concurrency"), "{err}");
+    let (ok, out, _) = cli(&["apps", "scale", APP, "--reset"]);
+    assert!(ok && !out.contains("changed at run time"), "{out}");
+    let (ok, out, _) = cli(&["runners", "ls"]);
+    assert!(ok && out.starts_with("RUNNER"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +243,12 @@ async fn one_core_is_never_shared_and_the_least_recently_used_idle_runner_makes_
     scale(&s, APP, json!({"min_concurrency": 1})).await;
     let diag = s.wait_runners(1).await[0].clone();
     assert_eq!(diag["cpus"], json!([0]));
+    // Niced by 10 and more OOM-killable than the gateway.
+    let pid = diag["pid"].as_i64().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[16], "10", "nice: {stat}");
+    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap().trim(), "500");
     assert_eq!(cpus_allowed(diag["pid"].as_i64().unwrap()), "0", "pinned to its core");
     assert_eq!(environ(diag["pid"].as_i64().unwrap(), "DARKROOM_THREADS").as_deref(), Some("1"));
     assert_eq!(environ(diag["pid"].as_i64().unwrap(), "CUDA_VISIBLE_DEVICES").as_deref(), Some(""));
@@ -311,7 +346,7 @@ fn remote_runner(s: &Server, token: &str) -> std::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigstopped_remote_runner_loses_its_lease_and_its_late_work_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--no-local-runners", "--lease-ms", "1200"]);
+    let s = Server::start(dir.path(), &["--no-local-runners", "--lease-ms", "1500"]);
     let token = s.post_json("/v1/runner-tokens", json!({"app_id": APP})).await["token"].as_str().unwrap().to_string();
     let mut a = remote_runner(&s, &token);
     let rs = s.wait_runners(1).await;
@@ -327,18 +362,29 @@ async fn a_sigstopped_remote_runner_loses_its_lease_and_its_late_work_is_refused
             break;
         }
         assert!(Instant::now() < deadline, "the lease never expired: {st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A wakes up on the same channel: what it sends for attempt 1 is refused, and attempt 2 runs.
+    unsafe { libc::kill(a.id() as i32, libc::SIGCONT) };
+    let (code, out) = s.result(&id).await;
+    assert_eq!((code, out["echo"].clone(), out["attempt"].clone()), (200, json!("once"), json!(2)), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.metric("darkroom_runner_frames_refused_total").await.unwrap_or(0.0) < 1.0 {
+        assert!(Instant::now() < deadline, "no late frame was refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Runner B joins and runs attempt 2.
+    // A second remote runner joins and serves like a local one.
     let mut b = remote_runner(&s, &token);
-    let (code, out) = s.result(&id).await;
-    assert_eq!((code, out["attempt"].clone()), (200, json!(2)), "{out}");
-    // A wakes up: whatever it finished for attempt 1 changes nothing, and it rejoins as a fresh runner.
-    unsafe { libc::kill(a.id() as i32, libc::SIGCONT) };
     s.wait_runners(2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (code, out) = s.result(&id).await;
-    assert_eq!((code, out["attempt"].clone()), (200, json!(2)));
+    let ids: Vec<String> = futures::future::join_all((0..4).map(|i| s.submit(json!({"echo": i, "sleep_ms": 200}))))
+        .await
+        .into_iter()
+        .map(|v| v["request_id"].as_str().unwrap().to_string())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (code, out) = s.result(id).await;
+        assert_eq!((code, out["echo"].clone()), (200, json!(i)));
+    }
     // SIGTERM drains a remote runner: it exits cleanly.
     for c in [&mut a, &mut b] {
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -359,9 +405,11 @@ async fn a_runner_stuck_fetching_weights_hits_the_pull_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let s =
         Server::start_with_env(dir.path(), &["--pull-timeout-secs", "1"], &[("DARKROOM_DIAGNOSTICS_PULL_MS", "30000")]);
-    let rs = s.wait_fleet("a runner in PULL", |rs| count(rs, APP, &["PULL"]) == 1).await;
-    let r = rs.iter().find(|r| r["state"] == "PULL").unwrap();
-    assert!(r["message"].as_str().is_some_and(|m| m.contains("download")), "{r}");
+    // PULL, with what it is fetching.
+    s.wait_fleet("a runner in PULL", |rs| {
+        rs.iter().any(|r| r["state"] == "PULL" && r["message"].as_str().is_some_and(|m| m.contains("download")))
+    })
+    .await;
     s.wait_fleet("stopped for pull_timeout", |rs| {
         rs.iter().any(|r| r["state"] == "TERMINATED" && r["message"] == "pull_timeout")
     })
