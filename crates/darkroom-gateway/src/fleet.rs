@@ -449,6 +449,20 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
         for id in &decision.drain {
             stop_slot(gw, id, StopReason::OverMax, false);
         }
+        // Slots still waiting for cores or a GPU that demand no longer needs are dropped before they start.
+        let live = views.iter().filter(|v| v.phase != Phase::Draining).count();
+        let after = live.saturating_sub(decision.stop.len() + decision.drain.len());
+        if after > decision.desired as usize {
+            let mut slots = fleet.slots.lock().unwrap();
+            let mut waiting: Vec<&mut Slot> =
+                slots.values_mut().filter(|s| &s.app_id == app && s.state == SlotState::Pending).collect();
+            waiting.sort_by_key(|s| std::cmp::Reverse(s.created_at));
+            for s in waiting.into_iter().take(after - decision.desired as usize) {
+                s.state = SlotState::Terminated;
+                s.ended_at = Some(now);
+                s.reason = Some("no longer needed".into());
+            }
+        }
         for _ in 0..decision.start {
             let id = format!("{}-{}", app.replace('/', "-"), fleet.seq.fetch_add(1, Ordering::SeqCst) + 1);
             tracing::info!(app = %app, slot = %id, desired = decision.desired, queued = load.queued, "starting a runner");
