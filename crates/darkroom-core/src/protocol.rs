@@ -27,6 +27,9 @@ pub enum RunnerFrame {
         /// `pull`, `setup` or `ready` (the default): whether it takes work yet.
         #[serde(default)]
         state: Option<String>,
+        /// Not the process's first channel (it reconnected): being ready is then no cold start.
+        #[serde(default)]
+        reconnect: bool,
         pid: u32,
         #[serde(default)]
         hints: Vec<String>,

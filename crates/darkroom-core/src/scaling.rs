@@ -218,6 +218,8 @@ pub enum StopReason {
     StartupTimeout,
     /// Still fetching weights or its environment (PULL) after the pull timeout.
     PullTimeout,
+    /// Idle, and stopped to make room for another app's runner (least recently used first).
+    Evicted,
 }
 
 impl StopReason {
@@ -227,6 +229,7 @@ impl StopReason {
             StopReason::OverMax => "over_max_concurrency",
             StopReason::StartupTimeout => "startup_timeout",
             StopReason::PullTimeout => "pull_timeout",
+            StopReason::Evicted => "evicted",
         }
     }
 }

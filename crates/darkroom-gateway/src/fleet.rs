@@ -32,7 +32,7 @@ pub struct LocalRunners {
     pub exe: PathBuf,
     pub gateway_url: String,
     pub ca_cert: Option<PathBuf>,
-    /// Niceness added to runner processes (the gateway keeps priority).
+    /// Niceness added to runner processes, on top of the gateway's (the gateway keeps priority).
     pub nice: i32,
     /// Extra environment (storage settings; secrets stay out of the command line).
     pub env: Vec<(String, String)>,
@@ -73,6 +73,8 @@ struct Slot {
     gpu: Option<(u32, u64)>,
     reason: Option<String>,
     stop: CancellationToken,
+    /// How long it may take to drain once stopped (None: the fleet's stop grace).
+    grace: Option<Duration>,
 }
 
 /// Restart backoff of an app whose runners crash.
@@ -166,6 +168,11 @@ impl Fleet {
     /// Whether `slot` is one of ours, for `app_id`, and still alive.
     pub(crate) fn owns_slot(&self, slot: &str, app_id: &str) -> bool {
         self.slots.lock().unwrap().get(slot).is_some_and(|s| s.app_id == app_id && s.state != SlotState::Terminated)
+    }
+
+    /// Whether the fleet is stopping this slot's runner.
+    pub(crate) fn slot_stopping(&self, slot: &str) -> bool {
+        self.slots.lock().unwrap().get(slot).is_some_and(|s| s.state == SlotState::Stopping)
     }
 
     /// Whether local runners are started and stopped here.
@@ -267,6 +274,12 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        for s in self.slots.lock().unwrap().values() {
+            if matches!(s.state, SlotState::Started | SlotState::Stopping) {
+                tracing::warn!(slot = %s.id, pid = s.pid, "runner did not stop in time; killing it");
+                signal_group(s.pid, libc::SIGKILL);
+            }
+        }
     }
 
     /// Starts the fleet loop; with `local`, this gateway starts and stops runner processes itself.
@@ -312,7 +325,7 @@ async fn enforce_request_timeouts(gw: &Arc<Gateway>, now: Millis) {
                 let limit = gw.fleet.knobs(&c.app_id).request_timeout;
                 c.in_flight
                     .iter()
-                    .filter(move |(_, (_, at))| now - at > (limit as i64).saturating_mul(1000))
+                    .filter(move |(_, (_, at))| now.saturating_sub(*at) > (limit as i64).saturating_mul(1000))
                     .map(move |(job, (token, _))| (c.runner_id.clone(), job.clone(), *token, limit))
                     .collect::<Vec<_>>()
             })
@@ -326,7 +339,13 @@ async fn enforce_request_timeouts(gw: &Arc<Gateway>, now: Millis) {
         match gw.store.complete(&job, token, &darkroom_core::job::Outcome::platform(&err), now).await {
             Ok(darkroom_store::CompleteResult::Applied) => {
                 tracing::warn!(request_id = %job, runner = %runner, limit, "request timed out");
-                gw.hub.attempt_ended(&job, token);
+                // The runner keeps the place until it answers (a model that ignores the cancel still holds it).
+                if let Some(c) = gw.hub.runners.lock().unwrap().get_mut(&runner)
+                    && let Some(entry) = c.in_flight.get_mut(&job)
+                {
+                    entry.1 = Millis::MAX;
+                }
+                gw.hub.send(&runner, darkroom_core::protocol::GatewayFrame::Cancel { job_id: job.clone(), token });
                 gw.finished_by_id(&job).await;
             }
             Ok(_) => {}
@@ -357,14 +376,14 @@ fn views(gw: &Gateway, fleet: &Fleet, app_id: &str, now: Millis) -> Vec<RunnerVi
             _ if stopping => Phase::Draining,
             ConnPhase::Draining => Phase::Draining,
             ConnPhase::Pull | ConnPhase::Setup => Phase::Starting,
-            ConnPhase::Ready if c.in_flight.is_empty() => Phase::Idle,
+            ConnPhase::Ready if c.in_flight.is_empty() && c.reserved == 0 => Phase::Idle,
             ConnPhase::Ready => Phase::Running,
         };
         out.push(RunnerView {
             id: slot.map_or_else(|| c.runner_id.clone(), |s| s.id.clone()),
             phase,
             managed: slot.is_some(),
-            in_flight: c.in_flight.len() as u32,
+            in_flight: c.in_flight.len() as u32 + c.reserved,
             started_at,
             last_active_at: c.last_active_at,
             served: c.served,
@@ -429,7 +448,7 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
             .unwrap()
             .values()
             .filter(|c| &c.app_id == app)
-            .map(|c| c.in_flight.len() as u64)
+            .map(|c| c.in_flight.len() as u64 + c.reserved as u64)
             .sum();
         let d = depths.get(app.as_str());
         let load = AppLoad {
@@ -480,6 +499,7 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
                     gpu: None,
                     reason: Some("waiting for resources".into()),
                     stop: CancellationToken::new(),
+                    grace: None,
                 },
             );
         }
@@ -501,11 +521,22 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
         match place(&local.inventory, &allocs, &req) {
             Placement::Fits { cpus, gpu } => spawn_slot(gw, local, &id, &app, cpus, gpu).await,
             Placement::Evict { victims, .. } => {
-                // Only for requests waiting: warm capacity (min_concurrency, buffer) never evicts another app.
-                if queued_apps.contains(&app) {
+                // Only for requests waiting: warm capacity (min_concurrency, buffer) never evicts another app. And
+                // not while runners already stopping will free enough once they exit.
+                let stopping: std::collections::HashSet<String> = fleet
+                    .slots
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .filter(|s| s.state == SlotState::Stopping)
+                    .map(|s| s.id.clone())
+                    .collect();
+                let after: Vec<Allocation> = allocs.into_iter().filter(|a| !stopping.contains(&a.runner)).collect();
+                let freeing = matches!(place(&local.inventory, &after, &req), Placement::Fits { .. });
+                if queued_apps.contains(&app) && !freeing {
                     for v in victims {
                         tracing::info!(app = %app, evicted = %v, "evicting an idle runner (least recently used)");
-                        stop_slot(gw, &v, StopReason::Idle, true);
+                        stop_slot(gw, &v, StopReason::Evicted, true);
                     }
                 }
             }
@@ -533,7 +564,9 @@ fn allocations(gw: &Gateway, fleet: &Fleet) -> Vec<Allocation> {
         .map(|s| {
             let conn = m.values().find(|c| c.slot.as_deref() == Some(s.id.as_str()));
             let idle_since = match (s.state, conn) {
-                (SlotState::Started, Some(c)) if c.phase == ConnPhase::Ready && c.in_flight.is_empty() => {
+                (SlotState::Started, Some(c))
+                    if c.phase == ConnPhase::Ready && c.in_flight.is_empty() && c.reserved == 0 =>
+                {
                     Some(c.last_active_at)
                 }
                 _ => None,
@@ -572,6 +605,10 @@ fn stop_slot(gw: &Gateway, slot_id: &str, reason: StopReason, only_if_idle: bool
             metrics::runner_stopped(&s.app_id, reason.as_str());
             s.state = SlotState::Stopping;
             s.reason = Some(reason.as_str().into());
+            if !only_if_idle {
+                // A busy runner drains: its requests get up to their request_timeout, not the stop grace.
+                s.grace = Some(Duration::from_secs(gw.fleet.knobs(&s.app_id).request_timeout));
+            }
             s.stop.cancel();
             if matches!(reason, StopReason::StartupTimeout | StopReason::PullTimeout) {
                 bump_backoff(gw, &s.app_id.clone(), s.started_at);
@@ -619,6 +656,11 @@ async fn spawn_slot(
             return;
         }
     };
+    // Stopped or shutting down while the token was minted: start nothing.
+    let still_wanted = gw.fleet.slots.lock().unwrap().get(slot_id).is_some_and(|s| s.state == SlotState::Pending);
+    if !still_wanted || gw.fleet.draining.load(Ordering::SeqCst) {
+        return;
+    }
     let mut cmd = tokio::process::Command::new(&local.exe);
     cmd.arg("runner").arg("--gateway").arg(&local.gateway_url).arg("--app").arg(app_id).arg("--parent-stdin");
     if let Some(ca) = &local.ca_cert {
@@ -627,6 +669,8 @@ async fn spawn_slot(
     cmd.envs(local.env.iter().map(|(k, v)| (k, v)))
         .env("DARKROOM_RUNNER_TOKEN", &token)
         .env("DARKROOM_RUNNER_SLOT", slot_id)
+        // nvidia-smi numbers GPUs by PCI bus; CUDA must too, or the index names another GPU.
+        .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         .env("CUDA_VISIBLE_DEVICES", gpu.map(|(i, _)| i.to_string()).unwrap_or_default());
     if !cpus.is_empty() {
         // Thread pools sized to the cores it is pinned to.
@@ -644,7 +688,7 @@ async fn spawn_slot(
     // SAFETY: only async-signal-safe calls (plain syscalls) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+            libc::nice(nice);
             let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
             if fd >= 0 {
                 libc::write(fd, b"500".as_ptr().cast(), 3);
@@ -694,9 +738,11 @@ async fn spawn_slot(
         let (status, requested) = tokio::select! {
             status = child.wait() => (status, false),
             _ = stop.cancelled() => {
-                signal_group(pid, libc::SIGTERM);
+                // The runner drains on SIGTERM (its own children are its business until the deadline).
+                signal_one(pid, libc::SIGTERM);
+                let own = gw.fleet.slots.lock().unwrap().get(&slot_id).and_then(|s| s.grace);
                 let grace = match gw.fleet.grace_ms.load(Ordering::SeqCst) {
-                    0 => grace,
+                    0 => own.unwrap_or(grace),
                     ms => Duration::from_millis(ms),
                 };
                 let status = match tokio::time::timeout(grace, child.wait()).await {
@@ -711,8 +757,6 @@ async fn spawn_slot(
             }
         };
         drop(stdin);
-        // Whatever the runner left behind in its group goes too.
-        signal_group(pid, libc::SIGKILL);
         let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
         let now = gw.now();
         let started_at = {
@@ -734,6 +778,15 @@ async fn spawn_slot(
         }
         gw.fleet.kick();
     });
+}
+
+fn signal_one(pid: u32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
 }
 
 fn signal_group(pid: u32, sig: i32) {

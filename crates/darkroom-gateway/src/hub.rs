@@ -79,6 +79,8 @@ pub(crate) struct Conn {
     /// When it was last heard from, and how long it may stay silent and still get work.
     pub(crate) last_seen: i64,
     pub(crate) quiet_ms: i64,
+    /// Places taken by the dispatcher for a claim in progress (counted as busy until the assignment is sent).
+    pub(crate) reserved: u32,
     tx: mpsc::UnboundedSender<GatewayFrame>,
     /// Job id → (fencing token, when it was assigned).
     pub(crate) in_flight: HashMap<String, (i64, i64)>,
@@ -162,14 +164,14 @@ impl Hub {
 
     /// Requests running on this gateway's runners.
     pub fn in_flight_count(&self) -> usize {
-        self.runners.lock().unwrap().values().map(|c| c.in_flight.len()).sum()
+        self.runners.lock().unwrap().values().map(|c| c.in_flight.len() + c.reserved as usize).sum()
     }
 
     /// Stops assigning to a runner. With `only_if_idle`, only if it holds nothing (else false).
     pub(crate) fn mark_draining(&self, runner_id: &str, only_if_idle: bool) -> bool {
         let mut m = self.runners.lock().unwrap();
         match m.get_mut(runner_id) {
-            Some(c) if only_if_idle && !c.in_flight.is_empty() => false,
+            Some(c) if only_if_idle && (!c.in_flight.is_empty() || c.reserved > 0) => false,
             Some(c) => {
                 c.phase = ConnPhase::Draining;
                 true
@@ -181,28 +183,45 @@ impl Hub {
     /// Picks a ready runner of `app_id` with a free slot (at most `mux` requests each), preferring one matching
     /// `hint`.
     /// A runner not heard from for two heartbeats (paused, partitioned) gets nothing new.
-    fn pick(&self, app_id: &str, hint: Option<&str>, mux: u32, now: i64) -> Option<String> {
+    /// With `reserve`, the chosen runner's place is taken until the assignment is recorded: no stop decision sees it
+    /// idle while the claim is being committed.
+    fn pick(&self, app_id: &str, hint: Option<&str>, mux: u32, now: i64, reserve: bool) -> Option<String> {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
-        let m = self.runners.lock().unwrap();
+        let mut m = self.runners.lock().unwrap();
+        let busy = |c: &Conn| c.in_flight.len() + c.reserved as usize;
         let free: Vec<&Conn> = m
             .values()
             .filter(|c| {
                 c.app_id == app_id
                     && c.phase == ConnPhase::Ready
                     && now - c.last_seen <= c.quiet_ms
-                    && (c.in_flight.len() as u32) < c.declared_mux.min(mux)
+                    && busy(c) < c.declared_mux.min(mux) as usize
             })
             .collect();
-        if let Some(h) = hint
-            && let Some(c) = free.iter().find(|c| c.runner_id == h || c.hints.iter().any(|x| x == h))
+        let hinted = hint.and_then(|h| free.iter().find(|c| c.runner_id == h || c.hints.iter().any(|x| x == h)));
+        let chosen = match hinted {
+            Some(c) => Some(c.runner_id.clone()),
+            None => free
+                .iter()
+                .max_by_key(|c| (c.declared_mux.min(mux) as usize - busy(c), std::cmp::Reverse(c.connected_at)))
+                .map(|c| c.runner_id.clone()),
+        };
+        if reserve
+            && let Some(id) = &chosen
+            && let Some(c) = m.get_mut(id)
         {
-            return Some(c.runner_id.clone());
+            c.reserved += 1;
         }
-        free.iter()
-            .max_by_key(|c| (c.declared_mux.min(mux) as usize - c.in_flight.len(), std::cmp::Reverse(c.connected_at)))
-            .map(|c| c.runner_id.clone())
+        chosen
+    }
+
+    /// Gives back a place taken by [`Hub::pick`] (the claim failed).
+    fn unreserve(&self, runner_id: &str) {
+        if let Some(c) = self.runners.lock().unwrap().get_mut(runner_id) {
+            c.reserved = c.reserved.saturating_sub(1);
+        }
     }
 
     /// A job's lease ran out while its runner may still be connected: take it off the runner and tell it to stop.
@@ -265,13 +284,23 @@ async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
 async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_store::StoreError> {
     loop {
         let mux = gw.fleet.knobs(app_id).max_multiplexing;
-        if gw.hub.pick(app_id, None, mux, gw.now()).is_none() {
+        if gw.hub.pick(app_id, None, mux, gw.now(), false).is_none() {
             return Ok(());
         }
         let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
-        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux, gw.now()) else { return Ok(()) };
+        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux, gw.now(), true) else { return Ok(()) };
         let now = gw.now();
-        let Some(job) = gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await? else { continue };
+        let job = match gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                gw.hub.unreserve(&runner_id);
+                continue;
+            }
+            Err(e) => {
+                gw.hub.unreserve(&runner_id);
+                return Err(e);
+            }
+        };
         metrics::job_started(&job, now);
         let input: Value = serde_json::from_str(&job.input).unwrap_or(Value::Null);
         let frame = GatewayFrame::Assign {
@@ -288,6 +317,9 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
         let mut cold_start = None;
         let sent = {
             let mut m = gw.hub.runners.lock().unwrap();
+            if let Some(c) = m.get_mut(&runner_id) {
+                c.reserved = c.reserved.saturating_sub(1);
+            }
             match m.get_mut(&runner_id) {
                 Some(c) if c.tx.send(frame).is_ok() => {
                     c.in_flight.insert(job.id.clone(), (job.attempts, now));
@@ -361,7 +393,8 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<RunnerFrame>(&t).ok(),
         _ => None,
     };
-    let Some(RunnerFrame::Hello { protocol, app_id, max_multiplexing, pid, hints, slot, state, .. }) = hello else {
+    let Some(RunnerFrame::Hello { protocol, app_id, max_multiplexing, pid, hints, slot, state, reconnect, .. }) = hello
+    else {
         let _ = socket.send(send_frame(&GatewayFrame::Shutdown { reason: "expected hello".into() })).await;
         return;
     };
@@ -395,8 +428,9 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
         Some("draining") => ConnPhase::Draining,
         _ => ConnPhase::Ready,
     };
-    // A slot is only believed for runners this gateway started (the fleet knows it).
+    // A slot is only believed for runners this gateway started (the fleet knows it); one being stopped gets nothing.
     let slot = slot.filter(|s| gw.fleet.owns_slot(s, &app_id));
+    let phase = if slot.as_deref().is_some_and(|s| gw.fleet.slot_stopping(s)) { ConnPhase::Draining } else { phase };
     gw.hub.runners.lock().unwrap().insert(
         runner_id.clone(),
         Conn {
@@ -411,11 +445,13 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
             pull_since: (phase == ConnPhase::Pull).then_some(now),
             pulled_at: None,
             message: None,
-            ready_at: (phase == ConnPhase::Ready).then_some(now),
+            // A runner reconnecting ready is no cold start.
+            ready_at: (phase == ConnPhase::Ready && !reconnect).then_some(now),
             last_active_at: now,
             served: 0,
             last_seen: now,
             quiet_ms: heartbeat_ms as i64 * 2,
+            reserved: 0,
             tx,
             in_flight: HashMap::new(),
         },

@@ -162,11 +162,15 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
         fetch_timeout: Duration::from_secs(120),
     });
     let mut backoff = Duration::from_millis(200);
+    let mut reconnect = false;
     loop {
         if let Phase::Failed(e) = &*phase_rx.borrow() {
             bail!("model setup failed: {e}");
         }
-        match connect_and_serve(&cfg, model.clone(), files.clone(), phase_rx.clone(), drain.clone()).await {
+        let res =
+            connect_and_serve(&cfg, model.clone(), files.clone(), phase_rx.clone(), drain.clone(), reconnect).await;
+        reconnect = true;
+        match res {
             Ok(Ended::Drained) => {
                 tracing::info!("drained; exiting");
                 return Ok(());
@@ -214,6 +218,7 @@ async fn connect_and_serve(
     files: Arc<crate::files::FileSettings>,
     mut phase: tokio::sync::watch::Receiver<Phase>,
     drain: CancellationToken,
+    reconnect: bool,
 ) -> anyhow::Result<Ended> {
     let url = ws_url(&cfg.gateway)?;
     let mut req = url.as_str().into_client_request()?;
@@ -235,12 +240,15 @@ async fn connect_and_serve(
     // The app's max_multiplexing (set at the gateway, changeable at run time) applies below this.
     let capacity = cfg.max_multiplexing.unwrap_or(1024).max(1);
     let (state, _) = phase.borrow_and_update().wire();
+    // Told to drain before it could connect: it says so at once and gets nothing.
+    let state = if drain.is_cancelled() { "draining" } else { state };
     let hello = RunnerFrame::Hello {
         protocol: PROTOCOL_VERSION,
         app_id: cfg.app_id.clone(),
         max_multiplexing: capacity,
         slot: cfg.slot.clone(),
         state: Some(state.into()),
+        reconnect,
         pid: std::process::id(),
         hints: vec![],
         version: env!("CARGO_PKG_VERSION").into(),

@@ -88,6 +88,7 @@ async fn fake_runner_id(
         max_multiplexing: 1,
         slot: None,
         state: None,
+        reconnect: false,
         pid: 1,
         hints,
         version: "test".into(),
