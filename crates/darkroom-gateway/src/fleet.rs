@@ -294,12 +294,17 @@ impl Fleet {
 
 async fn run(gw: Arc<Gateway>) {
     let mut last_reload = gw.now();
+    let mut last_tick = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = gw.fleet.kick.notified() => {}
+            _ = gw.fleet.kick.notified() => {
+                // Kicks come with every submit that finds no free runner: at most one tick per 20 ms.
+                tokio::time::sleep_until(last_tick + Duration::from_millis(20)).await;
+            }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = gw.shutdown.cancelled() => return,
         }
+        last_tick = tokio::time::Instant::now();
         let now = gw.now();
         if gw.cfg.cluster.is_some() && now - last_reload >= 5_000 {
             // Another gateway may have changed an app's scale.

@@ -285,6 +285,8 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
     loop {
         let mux = gw.fleet.knobs(app_id).max_multiplexing;
         if gw.hub.pick(app_id, None, mux, gw.now(), false).is_none() {
+            // No free runner: the fleet may need to start one (it looks at the queue itself).
+            gw.fleet.kick();
             return Ok(());
         }
         let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
