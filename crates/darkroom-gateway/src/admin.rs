@@ -220,6 +220,10 @@ async fn reset_scale(
 struct ListRequests {
     app_id: Option<String>,
     status: Option<String>,
+    /// Submitted at or after: RFC 3339, epoch ms, or a duration ago (`2h`).
+    since: Option<String>,
+    /// Submitted before (same forms).
+    until: Option<String>,
     limit: Option<i64>,
 }
 
@@ -236,10 +240,19 @@ async fn list_requests(
         Some("COMPLETED") => Some("completed"),
         Some(_) => return Err(err(ErrorType::InvalidRequest, "status must be IN_QUEUE, IN_PROGRESS or COMPLETED")),
     };
+    let now = gw.now();
+    let time = |name: &str, v: Option<String>| -> ApiResult<Option<i64>> {
+        v.map(|s| {
+            darkroom_core::parse_time(&s, now).map_err(|e| err(ErrorType::InvalidRequest, format!("{name}: {e}")))
+        })
+        .transpose()
+    };
     let filter = JobFilter {
         owner_id: if caller.is_admin() { None } else { Some(caller.owner_id.clone()) },
         app_id: q.app_id,
         state: state.map(str::to_string),
+        created_after: time("since", q.since)?,
+        created_before: time("until", q.until)?,
         limit: q.limit.unwrap_or(100),
     };
     let jobs = gw.store.list_jobs(&filter).await?;

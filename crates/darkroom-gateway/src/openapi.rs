@@ -137,7 +137,7 @@ pub async fn platform_openapi() -> Response {
                 "patch": op("Change scaling", "Admin only. Body: any of fal's knobs; kept across restarts until reset."),
                 "delete": op("Reset scaling", "Admin only. Back to the knobs as deployed."),
             },
-            "/v1/requests": {"get": op("List requests", "Owner-scoped, newest first. Query app_id, status, limit.")},
+            "/v1/requests": {"get": op("List requests", "Owner-scoped, newest first. Query app_id, status, since and until (RFC 3339, epoch ms, or a duration ago like 2h), limit.")},
             "/v1/apps": {"get": op("List apps", "Every registered app.")},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "OK"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}},

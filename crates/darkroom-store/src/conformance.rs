@@ -284,6 +284,19 @@ pub async fn listing_and_depths(s: &dyn Store) {
             AppDepth { app_id: "app2".into(), queued: 1, running: 0, oldest_queued_at: Some(1_000) }
         ]
     );
+    // By submission time: [after, before).
+    s.enqueue(&NewJob { created_at: 5_000, ..job("d", "app") }).await.unwrap();
+    let ids = |v: Vec<darkroom_core::job::JobRecord>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let late = s.list_jobs(&JobFilter { created_after: Some(5_000), ..Default::default() }).await.unwrap();
+    assert_eq!(ids(late), ["d"]);
+    let early = s.list_jobs(&JobFilter { created_before: Some(5_000), ..Default::default() }).await.unwrap();
+    assert_eq!(ids(early), ["c", "b", "a"]);
+    let none = s
+        .list_jobs(&JobFilter { created_after: Some(1_001), created_before: Some(5_000), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    s.cancel("d", 5_001).await.unwrap();
     assert_eq!(s.count_queued_for_key("key-a", priority::NORMAL).await.unwrap(), 2);
     assert_eq!(s.count_queued_for_key("key-a", priority::INTERACTIVE).await.unwrap(), 0);
     assert_eq!(s.count_active_for_key("key-a").await.unwrap(), 3, "queued and running, whatever the owner");

@@ -179,6 +179,10 @@ pub struct JobFilter {
     pub owner_id: Option<String>,
     pub app_id: Option<String>,
     pub state: Option<String>,
+    /// Submitted at or after this time.
+    pub created_after: Option<Millis>,
+    /// Submitted before this time.
+    pub created_before: Option<Millis>,
     pub limit: i64,
 }
 

@@ -781,12 +781,15 @@ impl Store for SqliteStore {
         let limit = if f.limit <= 0 { 100 } else { f.limit.min(1000) };
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR owner_id = ?1) AND (?2 IS NULL OR app_id = ?2) \
-             AND (?3 IS NULL OR state = ?3) ORDER BY seq DESC LIMIT ?4"
+             AND (?3 IS NULL OR state = ?3) AND (?5 IS NULL OR created_at >= ?5) AND (?6 IS NULL OR created_at < ?6) \
+             ORDER BY seq DESC LIMIT ?4"
         )))
         .bind(&f.owner_id)
         .bind(&f.app_id)
         .bind(&f.state)
         .bind(limit)
+        .bind(f.created_after)
+        .bind(f.created_before)
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(job_from_row).collect()

@@ -215,6 +215,12 @@ enum RequestsCommand {
         /// Only IN_QUEUE, IN_PROGRESS or COMPLETED.
         #[arg(long)]
         status: Option<String>,
+        /// Only requests submitted since: RFC 3339 (2026-11-21T10:00:00Z), epoch ms, or a duration ago (30m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only requests submitted before (same forms).
+        #[arg(long)]
+        until: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
@@ -540,8 +546,16 @@ async fn keys_cmd(dir: &Path, cmd: KeysCommand) -> anyhow::Result<()> {
 async fn requests_cmd(dir: &Path, cmd: RequestsCommand) -> anyhow::Result<()> {
     let c = client::Client::admin(dir)?;
     match cmd {
-        RequestsCommand::Ls { app, status, limit } => {
+        RequestsCommand::Ls { app, status, since, until, limit } => {
             let mut q = format!("/v1/requests?limit={limit}");
+            for (k, v) in [("since", since), ("until", until)] {
+                if let Some(v) = v {
+                    q.push_str(&format!(
+                        "&{k}={}",
+                        url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+                    ));
+                }
+            }
             if let Some(a) = app {
                 q.push_str(&format!(
                     "&app_id={}",

@@ -165,6 +165,17 @@ async fn request_history_show_and_delete() {
     s.result(id).await;
     let ls = String::from_utf8(darkroom(&["requests", "ls", "--data-dir", d]).stdout).unwrap();
     assert!(ls.contains(id) && ls.contains("COMPLETED"), "{ls}");
+    // By time: the last hour has it, anything before an hour ago or after now does not.
+    let ls = String::from_utf8(darkroom(&["requests", "ls", "--data-dir", d, "--since", "1h"]).stdout).unwrap();
+    assert!(ls.contains(id), "{ls}");
+    let ls = String::from_utf8(darkroom(&["requests", "ls", "--data-dir", d, "--until", "1h"]).stdout).unwrap();
+    assert!(!ls.contains(id), "{ls}");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let future = (now_ms + 300_000).to_string();
+    let ls = String::from_utf8(darkroom(&["requests", "ls", "--data-dir", d, "--since", &future]).stdout).unwrap();
+    assert!(!ls.contains(id), "{ls}");
+    let bad = darkroom(&["requests", "ls", "--data-dir", d, "--since", "yesterday"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("invalid_request"));
     let show = String::from_utf8(darkroom(&["requests", "show", "--data-dir", d, id]).stdout).unwrap();
     assert!(show.contains("private words") && show.contains("thinking"), "{show}");
     let out = darkroom(&["requests", "rm", "--data-dir", d, id]);
