@@ -56,6 +56,11 @@ pub fn parse_time(s: &str, now: Millis) -> Result<Millis, String> {
     Ok(now.saturating_sub(n.saturating_mul(unit_ms)))
 }
 
+/// Formats store milliseconds as an RFC 3339 UTC timestamp.
+pub fn iso8601(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 #[cfg(test)]
 mod time_tests {
     #[test]
@@ -68,9 +73,4 @@ mod time_tests {
         assert!(super::parse_time("yesterday", now).is_err());
         assert!(super::parse_time("3w", now).is_err());
     }
-}
-
-/// Formats store milliseconds as an RFC 3339 UTC timestamp.
-pub fn iso8601(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
