@@ -91,33 +91,11 @@ impl Server {
         format!("Key {}", self.admin)
     }
 
+    /// Waits (bounded) until `n` runners are ready for work (the fleet also lists starting and ended ones).
     pub async fn wait_runners(&self, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v: Value = self
-                .http
-                .get(format!("{}/v1/runners", self.url))
-                .header("authorization", self.auth())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            // Runners ready for work; the fleet also lists starting and ended ones.
-            let rs: Vec<Value> = v["runners"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| matches!(r["state"].as_str(), Some("IDLE" | "RUNNING")))
-                .collect();
-            if rs.len() >= n {
-                return rs;
-            }
-            assert!(Instant::now() < deadline, "runners did not connect: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = |r: &Value| matches!(r["state"].as_str(), Some("IDLE" | "RUNNING"));
+        let rs = self.wait_fleet("runners did not connect", |rs| rs.iter().filter(|r| ready(r)).count() >= n).await;
+        rs.into_iter().filter(ready).collect()
     }
 
     pub async fn submit(&self, input: Value) -> Value {
