@@ -292,7 +292,7 @@ async fn show_request(
     headers: HeaderMap,
     ApiPath(id): ApiPath,
 ) -> ApiResult<Json<Value>> {
-    let j = visible_request(&gw, &headers, &id).await?;
+    let j = crate::queue::resolved(&gw, visible_request(&gw, &headers, &id).await?).await?;
     let mut v = crate::queue::summary(&j);
     v["input"] = parse_json(&j.input);
     v["result"] = j.result_body.as_deref().map(parse_json).unwrap_or(Value::Null);
@@ -316,7 +316,10 @@ async fn delete_request(
 ) -> ApiResult<Json<Value>> {
     let j = visible_request(&gw, &headers, &id).await?;
     match gw.store.delete_payload(&j.id, gw.now()).await? {
-        darkroom_store::DeleteResult::Deleted => Ok(Json(json!({"request_id": j.id, "deleted": true}))),
+        darkroom_store::DeleteResult::Deleted => {
+            crate::payloads::delete(&gw, &j.id).await;
+            Ok(Json(json!({"request_id": j.id, "deleted": true})))
+        }
         darkroom_store::DeleteResult::NotCompleted => {
             Err(err(ErrorType::Conflict, "Only completed requests can be deleted; cancel it first"))
         }

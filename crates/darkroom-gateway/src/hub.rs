@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use darkroom_core::ErrorType;
 use darkroom_core::auth::{Credential, keyed_hash, parse_authorization};
-use darkroom_core::job::{LogEntry, Outcome, normalize_level};
+use darkroom_core::job::{JobRecord, LogEntry, Outcome, normalize_level};
 use darkroom_core::protocol::{GatewayFrame, PROTOCOL_VERSION, RunnerFrame};
 use darkroom_store::CompleteResult;
 use serde::Serialize;
@@ -217,8 +217,25 @@ impl Hub {
         chosen
     }
 
+    /// How many more requests the ready runners of `app_id` can take now.
+    fn free_places(&self, app_id: &str, mux: u32, now: i64) -> usize {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return 0;
+        }
+        let m = self.runners.lock().unwrap();
+        m.values()
+            .filter(|c| c.app_id == app_id && c.phase == ConnPhase::Ready && now - c.last_seen <= c.quiet_ms)
+            .map(|c| (c.declared_mux.min(mux) as usize).saturating_sub(c.in_flight.len() + c.reserved as usize))
+            .sum()
+    }
+
+    /// Reserves a place on a free runner for a request at submit, if one is free (see [`Hub::pick`]).
+    pub(crate) fn reserve_at_submit(&self, app_id: &str, hint: Option<&str>, mux: u32, now: i64) -> Option<String> {
+        self.pick(app_id, hint, mux, now, true)
+    }
+
     /// Gives back a place taken by [`Hub::pick`] (the claim failed).
-    fn unreserve(&self, runner_id: &str) {
+    pub(crate) fn unreserve(&self, runner_id: &str) {
         if let Some(c) = self.runners.lock().unwrap().get_mut(runner_id) {
             c.reserved = c.reserved.saturating_sub(1);
         }
@@ -284,46 +301,90 @@ async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
 async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_store::StoreError> {
     loop {
         let mux = gw.fleet.knobs(app_id).max_multiplexing;
-        if gw.hub.pick(app_id, None, mux, gw.now(), false).is_none() {
+        let free = gw.hub.free_places(app_id, mux, gw.now());
+        if free == 0 {
             // No free runner: the fleet may need to start one (it looks at the queue itself).
             gw.fleet.kick();
             return Ok(());
         }
-        let Some((job_id, hint)) = gw.store.next_queued(app_id).await? else { return Ok(()) };
-        let Some(runner_id) = gw.hub.pick(app_id, hint.as_deref(), mux, gw.now(), true) else { return Ok(()) };
+        // The next jobs, as many as there are free places, claimed in one transaction.
+        let next = gw.store.next_queued(app_id, free as i64).await?;
+        if next.is_empty() {
+            return Ok(());
+        }
         let now = gw.now();
-        let job = match gw.store.claim(&job_id, &runner_id, now + gw.cfg.lease_ms, now).await {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                gw.hub.unreserve(&runner_id);
-                continue;
+        let mut claims = Vec::with_capacity(next.len());
+        for (job_id, hint) in next {
+            match gw.hub.pick(app_id, hint.as_deref(), mux, now, true) {
+                Some(runner_id) => claims.push((job_id, runner_id)),
+                None => break,
             }
+        }
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let got = match gw.store.claim_many(&claims, now + gw.cfg.lease_ms, now).await {
+            Ok(got) => got,
             Err(e) => {
-                gw.hub.unreserve(&runner_id);
+                claims.iter().for_each(|(_, r)| gw.hub.unreserve(r));
                 return Err(e);
             }
         };
-        metrics::job_started(&job, now);
-        let input: Value = serde_json::from_str(&job.input).unwrap_or(Value::Null);
-        let frame = GatewayFrame::Assign {
-            job_id: job.id.clone(),
-            token: job.attempts,
-            attempt: job.attempts,
-            app_id: job.app_id.clone(),
-            path: job.path.clone(),
-            mode: job.mode.as_str().into(),
-            inline_outputs: !job.store_io || input.get("sync_mode").and_then(Value::as_bool).unwrap_or(false),
-            upload_token: Some(gw.job_upload_token(&job.id, &job.owner_id)),
-            input,
-        };
-        let mut cold_start = None;
-        let sent = {
-            let mut m = gw.hub.runners.lock().unwrap();
-            if let Some(c) = m.get_mut(&runner_id) {
-                c.reserved = c.reserved.saturating_sub(1);
+        for ((_, runner_id), job) in claims.into_iter().zip(got) {
+            match job {
+                Some(job) => assign(gw, job, &runner_id, now).await?,
+                None => gw.hub.unreserve(&runner_id),
             }
-            match m.get_mut(&runner_id) {
-                Some(c) if c.tx.send(frame).is_ok() => {
+        }
+    }
+}
+
+/// Sends a claimed job to the runner whose place was reserved for it (by the dispatcher, or at submit).
+pub(crate) async fn assign(
+    gw: &Arc<Gateway>,
+    job: JobRecord,
+    runner_id: &str,
+    now: i64,
+) -> Result<(), darkroom_store::StoreError> {
+    metrics::job_started(&job, now);
+    let input: Value = if crate::payloads::is_marker(&job.input) {
+        match crate::payloads::load_json(gw, &job.id, crate::payloads::Kind::Input, &job.input).await {
+            Ok(v) => v,
+            Err(e) => {
+                // The input cannot be read back: the request fails rather than running on nothing.
+                gw.hub.unreserve(runner_id);
+                tracing::error!(request_id = %job.id, error = %e, "reading a request's input failed");
+                let outcome = Outcome::platform(&darkroom_core::ApiError::new(
+                    ErrorType::StorageUnavailable,
+                    format!("The request's input could not be read from storage: {e}"),
+                ));
+                if gw.store.complete(&job.id, job.attempts, &outcome, gw.now()).await? == CompleteResult::Applied {
+                    gw.job_changed(&job.id);
+                }
+                return Ok(());
+            }
+        }
+    } else {
+        serde_json::from_str(&job.input).unwrap_or(Value::Null)
+    };
+    let frame = GatewayFrame::Assign {
+        job_id: job.id.clone(),
+        token: job.attempts,
+        attempt: job.attempts,
+        app_id: job.app_id.clone(),
+        path: job.path.clone(),
+        mode: job.mode.as_str().into(),
+        inline_outputs: !job.store_io || input.get("sync_mode").and_then(Value::as_bool).unwrap_or(false),
+        upload_token: Some(gw.job_upload_token(&job.id, &job.owner_id)),
+        input,
+    };
+    let mut cold_start = None;
+    let sent = {
+        let mut m = gw.hub.runners.lock().unwrap();
+        match m.get_mut(runner_id) {
+            Some(c) => {
+                c.reserved = c.reserved.saturating_sub(1);
+                if c.tx.send(frame).is_ok() {
                     c.in_flight.insert(job.id.clone(), (job.attempts, now));
                     // A runner that became ready after the request came in: the request waited for a cold start.
                     if let Some(ready) = c.ready_at
@@ -333,28 +394,31 @@ async fn dispatch_app(gw: &Arc<Gateway>, app_id: &str) -> Result<(), darkroom_st
                     }
                     c.served += 1;
                     true
+                } else {
+                    false
                 }
-                _ => false,
             }
-        };
-        if let Some(ms) = cold_start {
-            metrics::cold_start(&job.app_id, ms);
-            if let Err(e) = gw.store.set_cold_start(&job.id, job.attempts, ms).await {
-                tracing::warn!(error = %e, request_id = %job.id, "recording the cold start failed");
-            }
+            None => false,
         }
-        if sent && job.mode == darkroom_core::job::JobMode::Stream && job.boot_id != gw.boot_id {
-            // The client is on another gateway.
-            crate::cluster::open_relay(gw, &job);
-        }
-        gw.job_changed(&job.id);
-        tracing::debug!(request_id = %job.id, runner = %runner_id, attempt = job.attempts, sent, "request assigned");
-        if !sent {
-            // The runner went away between pick and send: its leases end now.
-            let r = gw.store.release_runner(&runner_id, gw.now()).await?;
-            gw.attempts_ended(&r).await;
+    };
+    if let Some(ms) = cold_start {
+        metrics::cold_start(&job.app_id, ms);
+        if let Err(e) = gw.store.set_cold_start(&job.id, job.attempts, ms).await {
+            tracing::warn!(error = %e, request_id = %job.id, "recording the cold start failed");
         }
     }
+    if sent && job.mode == darkroom_core::job::JobMode::Stream && job.boot_id != gw.boot_id {
+        // The client is on another gateway.
+        crate::cluster::open_relay(gw, &job);
+    }
+    gw.job_changed(&job.id);
+    tracing::debug!(request_id = %job.id, runner = %runner_id, attempt = job.attempts, sent, "request assigned");
+    if !sent {
+        // The runner went away between pick and send: its leases end now.
+        let r = gw.store.release_runner(runner_id, gw.now()).await?;
+        gw.attempts_ended(&r).await;
+    }
+    Ok(())
 }
 
 /// `GET /internal/runner/connect`: a runner's control channel. `Authorization: Bearer <runner token>`.
@@ -663,7 +727,15 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
             }
             // Partials relayed to the client's gateway arrive there before the completion does.
             crate::cluster::close_relay(gw, &job_id).await;
-            let body_s = body.to_string();
+            // A large result goes to object storage; should that fail, the row keeps it whole.
+            let body_s =
+                match crate::payloads::offload(gw, &job_id, crate::payloads::Kind::Result, body.to_string()).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(request_id = %job_id, error = %e, "storing a large result as an object failed");
+                        body.to_string()
+                    }
+                };
             let result = if status == 200 {
                 complete_with_retry(gw, &job_id, token, &Outcome::success(body_s, inference_ms), now).await
             } else {

@@ -28,6 +28,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod openapi;
+pub mod payloads;
 pub mod proxy;
 pub mod queue;
 pub mod run;
@@ -508,7 +509,12 @@ impl Gateway {
             {
                 last_purge = now;
                 match self.store.purge_payloads(now - keep.as_millis() as i64, now, 1_000).await {
-                    Ok(ids) if !ids.is_empty() => tracing::info!(count = ids.len(), "retention: payloads deleted"),
+                    Ok(ids) if !ids.is_empty() => {
+                        for id in &ids {
+                            payloads::delete(&self, id).await;
+                        }
+                        tracing::info!(count = ids.len(), "retention: payloads deleted");
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }

@@ -141,7 +141,7 @@ pub async fn enqueue_request_with(
         Some(t) if darkroom_core::webhook::valid_traceparent(t) => t.to_string(),
         _ => darkroom_core::webhook::new_traceparent(),
     };
-    let job = NewJob {
+    let mut job = NewJob {
         id: darkroom_core::ids::new_request_id(),
         app_id: compiled.spec.id.clone(),
         path: path.to_string(),
@@ -185,7 +185,8 @@ pub async fn enqueue_request_with(
         },
         None => gw.cfg.max_queue_length,
     };
-    if gw.store.count_queued(&job.app_id).await? >= limit {
+    let queued = gw.store.count_queued(&job.app_id).await?;
+    if queued >= limit {
         let mut e = darkroom_core::ApiError::new(
             ErrorType::QueueFull,
             format!("The queue of {} is full ({limit} requests)", job.app_id),
@@ -200,16 +201,66 @@ pub async fn enqueue_request_with(
         }
         _ => None,
     };
+    // The fingerprint is of the input itself; a large input then moves to object storage.
+    let fingerprint =
+        idempotency_key.as_ref().map(|_| darkroom_core::job::input_fingerprint(&job.app_id, &job.path, &job.input));
+    let offloaded = job.input.len() > crate::payloads::INLINE_MAX || crate::payloads::is_marker(&job.input);
+    job.input = crate::payloads::offload(gw, &job.id, crate::payloads::Kind::Input, std::mem::take(&mut job.input))
+        .await
+        .map_err(|e| err(ErrorType::StorageUnavailable, format!("Storing the request's input failed: {e}")))?;
     before_enqueue(&job.id);
-    let rec = match idempotency_key {
-        None => gw.store.enqueue(&job).await?,
-        Some(k) => {
-            let fp = darkroom_core::job::input_fingerprint(&job.app_id, &job.path, &job.input);
+    let res = enqueue_job(gw, &job, idempotency_key.zip(fingerprint), queued, now).await;
+    if offloaded && !matches!(res, Ok((_, true))) {
+        // Not enqueued (an error, or the first request of an idempotency key answered instead): no orphan object.
+        crate::payloads::delete(gw, &job.id).await;
+    }
+    let rec = res?.0;
+    tracing::info!(request_id = %rec.id, app = %rec.app_id, mode = mode.as_str(), owner = %rec.owner_id, priority = rec.priority, "request accepted");
+    metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str())
+        .increment(1);
+    gw.hub.kick(&rec.app_id);
+    Ok((compiled, rec))
+}
+
+/// Records a validated job: claimed at submit where it can be, idempotently where a key was given. The flag is
+/// false when an earlier request with the same idempotency key is returned instead.
+async fn enqueue_job(
+    gw: &Arc<Gateway>,
+    job: &NewJob,
+    idempotency: Option<(String, String)>,
+    queued: i64,
+    now: i64,
+) -> ApiResult<(JobRecord, bool)> {
+    let rec = match idempotency {
+        // Nothing waits ahead of it and a runner has a free place: the job starts in the transaction that
+        // records it (claim at submit), with no trip through the dispatcher.
+        None if queued == 0 => {
+            let mux = gw.fleet.knobs(&job.app_id).max_multiplexing;
+            match gw.hub.reserve_at_submit(&job.app_id, job.runner_hint.as_deref(), mux, now) {
+                Some(runner) => match gw.store.enqueue_claimed(job, &runner, now + gw.cfg.lease_ms, now).await {
+                    Ok((rec, true)) => {
+                        crate::hub::assign(gw, rec.clone(), &runner, now).await?;
+                        rec
+                    }
+                    Ok((rec, false)) => {
+                        gw.hub.unreserve(&runner);
+                        rec
+                    }
+                    Err(e) => {
+                        gw.hub.unreserve(&runner);
+                        return Err(e.into());
+                    }
+                },
+                None => gw.store.enqueue(job).await?,
+            }
+        }
+        None => gw.store.enqueue(job).await?,
+        Some((k, fp)) => {
             let not_before = now - gw.cfg.idempotency_window.as_millis() as i64;
-            match gw.store.enqueue_idempotent(&job, &k, &fp, not_before).await {
+            match gw.store.enqueue_idempotent(job, &k, &fp, not_before).await {
                 Ok((rec, true)) => rec,
                 // The same request again: answer with the first one, enqueue nothing.
-                Ok((rec, false)) => return Ok((compiled, rec)),
+                Ok((rec, false)) => return Ok((rec, false)),
                 Err(darkroom_store::StoreError::IdempotencyMismatch(first)) => {
                     return Err(err(
                         ErrorType::IdempotencyKeyReused,
@@ -220,11 +271,7 @@ pub async fn enqueue_request_with(
             }
         }
     };
-    tracing::info!(request_id = %rec.id, app = %rec.app_id, mode = mode.as_str(), owner = %rec.owner_id, priority = rec.priority, "request accepted");
-    metrics::counter!("darkroom_requests_submitted_total", "app" => rec.app_id.clone(), "mode" => mode.as_str())
-        .increment(1);
-    gw.hub.kick(&rec.app_id);
-    Ok((compiled, rec))
+    Ok((rec, true))
 }
 
 /// The URLs of a request: `{base}/{app}/requests/{id}`.
@@ -261,10 +308,10 @@ pub async fn status_body(gw: &Gateway, job: &JobRecord, base: &str, logs: bool) 
             if let Some(p) = gw.progress.lock().unwrap().get(&job.id) {
                 v["progress"] = p.clone();
             }
-            v["metrics"] = cold_start_metrics(job);
+            v["metrics"] = cold_start_metrics(job.cold_start_ms);
         }
         JobState::Completed => {
-            let mut metrics = if job.started_at.is_some() { cold_start_metrics(job) } else { json!({}) };
+            let mut metrics = if job.started_at.is_some() { cold_start_metrics(job.cold_start_ms) } else { json!({}) };
             if let Some(ms) = job.inference_ms {
                 metrics["inference_time"] = json!(ms as f64 / 1000.0);
             }
@@ -278,12 +325,42 @@ pub async fn status_body(gw: &Gateway, job: &JobRecord, base: &str, logs: bool) 
     Ok(v)
 }
 
+/// A status object for an active request from the store's index (the same fields as [`status_body`] without logs).
+async fn brief_status_body(gw: &Gateway, b: &darkroom_store::JobBrief, base: &str) -> ApiResult<Value> {
+    let r = format!("{base}/{}/requests/{}", b.app_id, b.id);
+    let mut v = json!({
+        "status": b.state.fal_status(),
+        "request_id": b.id,
+        "response_url": r,
+        "status_url": format!("{r}/status"),
+        "cancel_url": format!("{r}/cancel"),
+        "logs": Value::Null,
+    });
+    if b.state == JobState::Queued {
+        v["queue_position"] = json!(gw.store.queue_position(&b.id).await?.unwrap_or(0));
+    } else {
+        if let Some(p) = gw.progress.lock().unwrap().get(&b.id) {
+            v["progress"] = p.clone();
+        }
+        v["metrics"] = cold_start_metrics(b.cold_start_ms);
+    }
+    Ok(v)
+}
+
 /// Whether the request waited for a runner to start, and for how long (seconds).
-fn cold_start_metrics(job: &JobRecord) -> Value {
-    match job.cold_start_ms {
+fn cold_start_metrics(cold_start_ms: Option<i64>) -> Value {
+    match cold_start_ms {
         Some(ms) => json!({"cold_start": true, "cold_start_time": ms as f64 / 1000.0}),
         None => json!({"cold_start": false}),
     }
+}
+
+/// A job with its payloads read back from object storage where they were moved there.
+pub async fn resolved(gw: &Gateway, mut job: JobRecord) -> ApiResult<JobRecord> {
+    crate::payloads::resolve(gw, &mut job)
+        .await
+        .map_err(|e| err(ErrorType::StorageUnavailable, format!("Reading the request's payload failed: {e}")))?;
+    Ok(job)
 }
 
 /// Loads a job the caller may see, for the app in the URL.
@@ -340,6 +417,15 @@ async fn handle_inner(
             Ok(json_response(StatusCode::OK, &body, Some(&job.id)))
         }
         QueueRoute::Status { app, request_id } => {
+            // An active request, without logs: answered from the store's in-memory index, no database read.
+            if !wants_logs(query.as_deref())
+                && let Some(b) = gw.store.job_brief(&request_id).await?
+                && caller.can_see(&b.owner_id)
+                && b.app_id == app.id()
+            {
+                let v = brief_status_body(&gw, &b, &base).await?;
+                return Ok(json_response(StatusCode::ACCEPTED, &v, Some(&b.id)));
+            }
             let job = visible_job(&gw, &caller, &app, &request_id).await?;
             let v = status_body(&gw, &job, &base, wants_logs(query.as_deref())).await?;
             let code = if job.state == JobState::Completed { StatusCode::OK } else { StatusCode::ACCEPTED };
@@ -350,7 +436,7 @@ async fn handle_inner(
             Ok(status_stream(gw, job, base, wants_logs(query.as_deref())))
         }
         QueueRoute::Result { app, request_id } => {
-            let job = visible_job(&gw, &caller, &app, &request_id).await?;
+            let job = resolved(&gw, visible_job(&gw, &caller, &app, &request_id).await?).await?;
             Ok(result_response(&job))
         }
         QueueRoute::Cancel { app, request_id } => {

@@ -101,7 +101,7 @@ pub async fn handle(
                 let mut guard = CancelOnDrop { gw: gw.clone(), id: job.id.clone(), armed: true };
                 let done = wait_completed(&gw, &job.id).await?;
                 guard.armed = false;
-                Ok(result_response(&done))
+                Ok(result_response(&crate::queue::resolved(&gw, done).await?))
             }
             RunRoute::Stream { app, path } => {
                 stream(gw.clone(), &caller, app, path, &method, query.as_deref(), &headers, &body).await
@@ -162,7 +162,7 @@ async fn stream(
         let done = gw.store.get_job(&job.id).await?.ok_or_else(|| ApiErr(darkroom_core::ApiError::internal()))?;
         guard.armed = false;
         if !done.succeeded() {
-            return Ok(result_response(&done));
+            return Ok(result_response(&crate::queue::resolved(&gw, done).await?));
         }
     }
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
@@ -202,7 +202,12 @@ async fn stream(
                 }
                 StreamMsg::Done => {
                     guard.armed = false;
-                    let final_event = match gw.store.get_job(&id).await {
+                    let job = match gw.store.get_job(&id).await {
+                        Ok(Some(j)) => crate::queue::resolved(&gw, j).await.map(Some).map_err(|e| e.0.message),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let final_event = match job {
                         Ok(Some(j)) if j.succeeded() => j
                             .result_body
                             .as_deref()

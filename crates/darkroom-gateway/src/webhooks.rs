@@ -97,6 +97,11 @@ async fn attempt(gw: &Gateway, d: &WebhookDelivery) -> (Option<i64>, Option<Stri
         Err(e) => return (None, Some(e)),
     };
     let Some(key) = active_key(gw) else { return (None, Some("no signing key".into())) };
+    // A large result lives in object storage: the receiver gets it in full.
+    let body = match crate::payloads::resolve_webhook_body(gw, &d.job_id, &d.body).await {
+        Ok(b) => b,
+        Err(e) => return (None, Some(format!("reading the result: {e}"))),
+    };
     let dialect = Dialect::parse(&d.dialect).unwrap_or(gw.cfg.webhook_dialect);
     let ts = gw.now() / 1000;
     let signed = darkroom_core::webhook::Delivery {
@@ -104,7 +109,7 @@ async fn attempt(gw: &Gateway, d: &WebhookDelivery) -> (Option<i64>, Option<Stri
         request_id: &d.job_id,
         user_id: &d.owner_id,
         timestamp: ts,
-        body: d.body.as_bytes(),
+        body: body.as_bytes(),
     };
     let headers = sign(dialect, &key, gw.cfg.webhook_hmac_secret.as_deref(), signed);
     let mut b = reqwest::Client::builder()
@@ -121,7 +126,7 @@ async fn attempt(gw: &Gateway, d: &WebhookDelivery) -> (Option<i64>, Option<Stri
         Ok(c) => c,
         Err(e) => return (None, Some(format!("client: {e}"))),
     };
-    let mut rb = client.post(url).header("content-type", "application/json").body(d.body.clone());
+    let mut rb = client.post(url).header("content-type", "application/json").body(body);
     for (k, v) in headers {
         rb = rb.header(k, v);
     }

@@ -35,6 +35,9 @@ pub struct DiagnosticsInput {
     #[serde(default)]
     #[schemars(range(min = 0, max = 10_000))]
     pub parts: u32,
+    /// Report when the runner started the request (`started_unix_us`), for measuring queue overhead.
+    #[serde(default)]
+    pub timing: bool,
 }
 
 /// A failure to produce.
@@ -55,6 +58,9 @@ pub struct DiagnosticsOutput {
     pub echo: Option<Value>,
     /// Which attempt produced this output (1 on the first).
     pub attempt: i64,
+    /// With `timing`: when the runner started the request, in microseconds since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_unix_us: Option<u64>,
 }
 
 pub struct Diagnostics;
@@ -108,6 +114,10 @@ impl Model for Diagnostics {
     }
 
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
         let input: DiagnosticsInput = serde_json::from_value(input).map_err(|e| ModelError::App {
             status: 422,
             body: json!({"detail": [{"loc": ["body"], "msg": e.to_string(), "type": "value_error"}]}),
@@ -131,7 +141,12 @@ impl Model for Diagnostics {
                 body: json!({"detail": fail.message, "attempt": ctx.attempt}),
             });
         }
-        Ok(serde_json::to_value(DiagnosticsOutput { echo: input.echo, attempt: ctx.attempt }).expect("serialises"))
+        Ok(serde_json::to_value(DiagnosticsOutput {
+            echo: input.echo,
+            attempt: ctx.attempt,
+            started_unix_us: input.timing.then_some(started),
+        })
+        .expect("serialises"))
     }
 }
 

@@ -59,7 +59,7 @@ pub async fn fifo_within_priority_and_positions(s: &dyn Store) {
     assert_eq!(s.queue_position("other").await.unwrap(), Some(0), "positions are per app");
     assert_eq!(s.queue_position("missing").await.unwrap(), None);
     let mut order = Vec::new();
-    while let Some((id, _)) = s.next_queued("app").await.unwrap() {
+    while let Some((id, _)) = s.next_queued("app", 1).await.unwrap().into_iter().next() {
         assert!(s.claim(&id, "r1", 10_000, 2_000).await.unwrap().is_some());
         order.push(id);
     }
@@ -130,7 +130,7 @@ pub async fn a_requeued_job_keeps_its_place(s: &dyn Store) {
     s.enqueue(&job("second", "app")).await.unwrap();
     s.claim("first", "r1", 10_000, 2_000).await.unwrap().unwrap();
     assert_eq!(s.release_runner("r1", 3_000).await.unwrap(), vec![("first".to_string(), AttemptResult::Requeued)]);
-    assert_eq!(s.next_queued("app").await.unwrap().unwrap().0, "first");
+    assert_eq!(s.next_queued("app", 1).await.unwrap().into_iter().next().unwrap().0, "first");
 }
 
 pub async fn cancel_queued_running_and_completed(s: &dyn Store) {
@@ -142,7 +142,11 @@ pub async fn cancel_queued_running_and_completed(s: &dyn Store) {
     assert_eq!(q.state, JobState::Completed);
     assert_eq!(q.error_type.as_deref(), Some("request_cancelled"));
     assert!(q.result_status.unwrap() >= 400 && q.result_status.unwrap() < 500);
-    assert_eq!(s.next_queued("app").await.unwrap().unwrap().0, "r", "a cancelled job leaves the queue");
+    assert_eq!(
+        s.next_queued("app", 1).await.unwrap().into_iter().next().unwrap().0,
+        "r",
+        "a cancelled job leaves the queue"
+    );
     s.claim("r", "r1", 10_000, 2_000).await.unwrap().unwrap();
     assert_eq!(s.cancel("r", 3_000).await.unwrap(), CancelResult::Cancelled { running_on: Some(("r1".into(), 1)) });
     assert_eq!(
@@ -561,7 +565,7 @@ pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
-                let Some((id, _)) = s.next_queued("app").await.unwrap() else { break };
+                let Some((id, _)) = s.next_queued("app", 1).await.unwrap().into_iter().next() else { break };
                 if let Some(j) = s.claim(&id, &format!("w{w}"), 10_000, 1).await.unwrap() {
                     assert_eq!(s.complete(&j.id, j.attempts, &ok_outcome(), 2).await.unwrap(), CompleteResult::Applied);
                     got.push(j.id);
@@ -606,6 +610,60 @@ pub async fn scaling_overrides_and_cold_starts_are_kept(s: &dyn Store) {
     assert_eq!(s.get_job("j0").await.unwrap().unwrap().cold_start_ms, None);
 }
 
+/// The dispatcher's batch: the next jobs in order, claimed together; claim at submit; counts stay right.
+pub async fn batched_claims_and_claim_at_submit(s: &dyn Store) {
+    for id in ["a", "b", "c", "d"] {
+        s.enqueue(&job(id, "app")).await.unwrap();
+    }
+    s.enqueue(&NewJob { key_id: "key-b".into(), runner_hint: Some("h".into()), ..job("e", "app") }).await.unwrap();
+    let next = s.next_queued("app", 3).await.unwrap();
+    assert_eq!(next.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(s.next_queued("app", 10).await.unwrap().last().unwrap(), &("e".to_string(), Some("h".to_string())));
+    assert!(s.next_queued("none", 5).await.unwrap().is_empty());
+    // b is cancelled before the batch is claimed: its claim is None, the others run.
+    s.cancel("b", 1_500).await.unwrap();
+    let claims: Vec<(String, String)> =
+        ["a", "b", "c"].iter().map(|id| (id.to_string(), format!("runner-{id}"))).collect();
+    let got = s.claim_many(&claims, 9_000, 2_000).await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].as_ref().unwrap().lease_runner.as_deref(), Some("runner-a"));
+    assert!(got[1].is_none());
+    assert_eq!(got[2].as_ref().unwrap().state, JobState::Running);
+    assert_eq!(s.count_queued("app").await.unwrap(), 2);
+    assert_eq!(s.queue_position("d").await.unwrap(), Some(0));
+    assert_eq!(s.queue_position("e").await.unwrap(), Some(1));
+    assert_eq!(s.count_active_for_key("key-a").await.unwrap(), 3, "a, c running and d queued");
+    assert_eq!(s.count_queued_for_key("key-b", priority::NORMAL).await.unwrap(), 1);
+
+    // Claim at submit: the job is running on the runner as soon as it exists.
+    let (rec, claimed) = s.enqueue_claimed(&job("f", "app"), "runner-f", 9_000, 2_100).await.unwrap();
+    assert!(claimed);
+    assert_eq!((rec.state, rec.attempts, rec.lease_runner.as_deref()), (JobState::Running, 1, Some("runner-f")));
+    assert_eq!(rec.started_at, Some(2_100));
+    assert_eq!(s.get_job("f").await.unwrap().unwrap().state, JobState::Running);
+    assert_eq!(s.queue_position("f").await.unwrap(), None);
+    let d = s.app_depths().await.unwrap();
+    assert_eq!((d[0].queued, d[0].running), (2, 3));
+    assert_eq!(s.complete("f", 1, &ok_outcome(), 2_200).await.unwrap(), CompleteResult::Applied);
+    // A duplicate id is refused and changes nothing.
+    assert!(matches!(
+        s.enqueue_claimed(&job("f", "app"), "runner-f", 9_000, 2_300).await,
+        Err(StoreError::Duplicate(_))
+    ));
+    assert_eq!(s.get_job("f").await.unwrap().unwrap().state, JobState::Completed);
+    let d = s.app_depths().await.unwrap();
+    assert_eq!((d[0].queued, d[0].running), (2, 2));
+
+    // Where the store keeps a status index, it agrees with the rows.
+    for id in ["a", "d", "f", "b"] {
+        if let Some(b) = s.job_brief(id).await.unwrap() {
+            let j = s.get_job(id).await.unwrap().unwrap();
+            assert_eq!((b.state, b.app_id.as_str(), b.owner_id.as_str()), (j.state, "app", "owner-a"), "{id}");
+            assert_ne!(j.state, JobState::Completed, "completed jobs leave the index");
+        }
+    }
+}
+
 /// Generates one `#[tokio::test]` per conformance check, given an async expression producing an
 /// `Arc<dyn Store>` that is fresh and empty each time.
 #[macro_export]
@@ -620,7 +678,7 @@ macro_rules! conformance_tests {
             a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
             payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
             settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired,
-            scaling_overrides_and_cold_starts_are_kept);
+            scaling_overrides_and_cold_starts_are_kept, batched_claims_and_claim_at_submit);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -15,11 +15,14 @@ use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 #[macro_use]
 mod rows;
 pub mod conformance;
+mod index;
 pub mod migrate;
 pub mod pg;
 pub mod sqlite;
 pub mod testing;
+mod writer;
 
+pub use index::JobBrief;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -285,7 +288,7 @@ pub struct FileFilter {
 }
 
 /// Per-app counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppDepth {
     pub app_id: String,
     pub queued: i64,
@@ -353,7 +356,41 @@ pub trait Store: Send + Sync + 'static {
     /// Queued jobs of a key at or above a priority (caps interactive priority per key).
     async fn count_queued_for_key(&self, key_id: &str, min_priority: i64) -> StoreResult<i64>;
     /// The app's next queued job (id, runner hint), without claiming it.
-    async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>>;
+    async fn next_queued(&self, app_id: &str, limit: i64) -> StoreResult<Vec<(String, Option<String>)>>;
+    /// What an in-memory index knows of an active (queued or running) job, if the store keeps one: enough for a
+    /// status poll. None means "ask [`Store::get_job`]".
+    async fn job_brief(&self, _id: &str) -> StoreResult<Option<JobBrief>> {
+        Ok(None)
+    }
+    /// Claims several queued jobs, each for its runner, under one lease deadline; None where a job is no longer
+    /// queued. Stores that can do it commit them together.
+    async fn claim_many(
+        &self,
+        claims: &[(String, String)],
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<Vec<Option<JobRecord>>> {
+        let mut out = Vec::with_capacity(claims.len());
+        for (job, runner) in claims {
+            out.push(self.claim(job, runner, lease_until, now).await?);
+        }
+        Ok(out)
+    }
+    /// Enqueues a job and, when it can, hands it straight to `runner_id` (claim at submit): the returned flag says
+    /// whether the job is already running there. Stores that can do it commit both in one transaction.
+    async fn enqueue_claimed(
+        &self,
+        job: &NewJob,
+        runner_id: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<(JobRecord, bool)> {
+        let rec = self.enqueue(job).await?;
+        match self.claim(&job.id, runner_id, lease_until, now).await? {
+            Some(r) => Ok((r, true)),
+            None => Ok((rec, false)),
+        }
+    }
     /// Claims a queued job for a runner: running, attempts + 1, leased until `lease_until`. The returned record's
     /// `attempts` is the fencing token. None if the job is no longer queued.
     async fn claim(

@@ -189,7 +189,7 @@ pub async fn sqlite_to_postgres(
     // Recover as a restart would, under a boot of the migration's own.
     let boot = format!("migrate-{}", darkroom_core::ids::new_request_id());
     let recovered = src.start_boot(&boot, now).await?;
-    sqlx::query("UPDATE boots SET reaped_at = ? WHERE id = ?").bind(now).bind(&boot).execute(src.writer()).await?;
+    src.mark_reaped(&boot, now).await?;
     let mut report =
         MigrateReport { requeued: recovered.requeued.len(), ended: recovered.failed.len(), ..Default::default() };
 

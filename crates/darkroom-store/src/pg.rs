@@ -684,16 +684,17 @@ impl Store for PgStore {
             .await?)
     }
 
-    async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>> {
+    async fn next_queued(&self, app_id: &str, limit: i64) -> StoreResult<Vec<(String, Option<String>)>> {
         // Skips jobs another gateway is claiming right now.
-        let row = sqlx::query(
+        let rows = sqlx::query(
             "SELECT id, runner_hint FROM jobs WHERE state = 'queued' AND app_id = $1 ORDER BY priority DESC, seq \
-             LIMIT 1 FOR UPDATE SKIP LOCKED",
+             LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(app_id)
-        .fetch_optional(&self.pool)
+        .bind(limit.max(1))
+        .fetch_all(&self.pool)
         .await?;
-        row.map(|r| Ok((r.try_get("id")?, r.try_get("runner_hint")?))).transpose()
+        rows.iter().map(|r| Ok((r.try_get("id")?, r.try_get("runner_hint")?))).collect()
     }
 
     async fn claim(

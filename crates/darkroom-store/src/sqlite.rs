@@ -8,9 +8,23 @@ use darkroom_core::Millis;
 use darkroom_core::error::{ApiError, ErrorType};
 use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
 
+use crate::index::{Index, JobBrief};
+use crate::writer::Writer;
 use crate::*;
+
+/// Reads every active job, for the writer's index.
+fn load_index(c: &mut SqliteConnection) -> futures::future::BoxFuture<'_, StoreResult<Index>> {
+    Box::pin(async move {
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state != 'completed'")))
+                .fetch_all(&mut *c)
+                .await?;
+        let briefs = rows.iter().map(|r| job_from_row(r).map(|j| JobBrief::of(&j))).collect::<StoreResult<Vec<_>>>()?;
+        Ok(Index::from_records(briefs))
+    })
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -25,7 +39,8 @@ pub enum Durability {
 }
 
 pub struct SqliteStore {
-    writer: SqlitePool,
+    /// The one write connection, behind its group-commit task, with the active-job index it keeps.
+    writer: Writer,
     reader: SqlitePool,
     /// The boot claims are recorded under.
     boot: std::sync::Mutex<Option<String>>,
@@ -189,6 +204,29 @@ async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<Job
     job_from_row(&row)
 }
 
+/// Starts a queued job's next attempt on `runner_id`; None if it is not queued.
+async fn claim_in(
+    c: &mut SqliteConnection,
+    job_id: &str,
+    runner_id: &str,
+    lease_until: Millis,
+    now: Millis,
+    boot: Option<&str>,
+) -> StoreResult<Option<JobRecord>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
+         started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
+    )))
+    .bind(runner_id)
+    .bind(lease_until)
+    .bind(now)
+    .bind(boot)
+    .bind(job_id)
+    .fetch_optional(&mut *c)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
 /// Deletes a completed job's input, result and logs; its metadata (state, times, status, error type) stays.
 async fn purge_in(c: &mut SqliteConnection, job_id: &str, now: Millis) -> StoreResult<()> {
     sqlx::query("UPDATE jobs SET input = 'null', result_body = NULL, payload_deleted_at = ? WHERE id = ?")
@@ -233,6 +271,22 @@ async fn reap_in(c: &mut SqliteConnection, boot_id: &str, now: Millis, report: &
 
 use crate::runner_lost;
 
+/// Index updates for attempts that ended: requeued jobs go back in the queue, completed ones leave.
+fn apply_attempts(ended: &[(String, AttemptResult)], ix: &mut Index) {
+    for (id, r) in ended {
+        match r {
+            AttemptResult::Requeued => ix.requeue(id),
+            AttemptResult::Completed => ix.remove(id),
+            AttemptResult::Stale => {}
+        }
+    }
+}
+
+fn apply_report(r: &BootReport, ix: &mut Index) {
+    r.requeued.iter().for_each(|id| ix.requeue(id));
+    r.failed.iter().for_each(|id| ix.remove(id));
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and migrates it.
     pub async fn open(path: &std::path::Path, durability: Durability) -> StoreResult<SqliteStore> {
@@ -247,13 +301,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true)
             .pragma("journal_size_limit", "67108864");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
-            .await?;
-        MIGRATOR.run(&writer).await?;
+        let mut conn = opts.connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+        let writer = Writer::start(conn, load_index).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
@@ -262,22 +312,38 @@ impl SqliteStore {
         Ok(SqliteStore { writer, reader, boot: std::sync::Mutex::new(None) })
     }
 
-    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
     pub(crate) fn reader(&self) -> &SqlitePool {
         &self.reader
     }
 
-    pub(crate) fn writer(&self) -> &SqlitePool {
-        &self.writer
+    /// Marks a boot reaped (the migration's own, once it has recovered the queue).
+    pub(crate) async fn mark_reaped(&self, boot_id: &str, now: Millis) -> StoreResult<()> {
+        let boot_id = boot_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        sqlx::query("UPDATE boots SET reaped_at = ? WHERE id = ?")
+                            .bind(now)
+                            .bind(&boot_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
-    /// Closes both pools (checkpointing the WAL).
+    /// Closes the reader pool and the writer (checkpointing the WAL).
     pub async fn close(&self) {
         self.reader.close().await;
         self.writer.close().await;
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.writer.index.read().unwrap()
     }
 }
 
@@ -288,96 +354,147 @@ impl Store for SqliteStore {
     }
 
     async fn start_boot(&self, boot_id: &str, now: Millis) -> StoreResult<BootReport> {
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE boots SET reaped_at = ? WHERE reaped_at IS NULL").bind(now).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO boots (id, started_at, heartbeat_at) VALUES (?, ?, ?)")
-            .bind(boot_id)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
+        let boot_id = boot_id.to_owned();
+        let id = boot_id.clone();
+        let (report, _) = self
+            .writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let boot_id = &id;
+                        sqlx::query("UPDATE boots SET reaped_at = ? WHERE reaped_at IS NULL")
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("INSERT INTO boots (id, started_at, heartbeat_at) VALUES (?, ?, ?)")
+                            .bind(boot_id)
+                            .bind(now)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        let revoked = sqlx::query(
+                            "UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id != ?",
+                        )
+                        .bind(now)
+                        .bind(boot_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        let mut report = BootReport { tokens_revoked: revoked, ..Default::default() };
+                        // Deliveries in flight when the previous boot died are due again now.
+                        sqlx::query("UPDATE webhook_deliveries SET lease_until = NULL WHERE state = 'pending'")
+                            .execute(&mut *tx)
+                            .await?;
+                        // Ephemeral jobs of earlier boots: nobody waits for them any more.
+                        let restarted = crate::gateway_restarted();
+                        let rows = sqlx::query(
+                            "SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id != ?",
+                        )
+                        .bind(boot_id)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        for r in rows {
+                            let id: String = r.try_get("id")?;
+                            write_outcome(&mut *tx, &id, &restarted, now).await?;
+                            report.failed.push(id);
+                        }
+                        // Queue jobs that were running: their runners belonged to the old boot.
+                        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq")
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        for r in rows {
+                            let id: String = r.try_get("id")?;
+                            let token: i64 = r.try_get("attempts")?;
+                            match fail_attempt_in(&mut *tx, &id, token, &runner_lost(), now).await? {
+                                AttemptResult::Requeued => report.requeued.push(id),
+                                AttemptResult::Completed => report.failed.push(id),
+                                AttemptResult::Stale => {}
+                            }
+                        }
+                        let fresh = load_index(&mut *tx).await?;
+                        Ok((report, fresh))
+                    })
+                },
+                |(_, fresh), ix| *ix = std::mem::take(fresh),
+            )
             .await?;
-        let revoked = sqlx::query("UPDATE runner_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND boot_id != ?")
-            .bind(now)
-            .bind(boot_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let mut report = BootReport { tokens_revoked: revoked, ..Default::default() };
-        // Deliveries in flight when the previous boot died are due again now.
-        sqlx::query("UPDATE webhook_deliveries SET lease_until = NULL WHERE state = 'pending'")
-            .execute(&mut *tx)
-            .await?;
-        // Ephemeral jobs of earlier boots: nobody waits for them any more.
-        let restarted = crate::gateway_restarted();
-        let rows = sqlx::query("SELECT id FROM jobs WHERE state != 'completed' AND mode != 'queue' AND boot_id != ?")
-            .bind(boot_id)
-            .fetch_all(&mut *tx)
-            .await?;
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            write_outcome(&mut tx, &id, &restarted, now).await?;
-            report.failed.push(id);
-        }
-        // Queue jobs that were running: their runners belonged to the old boot.
-        let rows = sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq")
-            .fetch_all(&mut *tx)
-            .await?;
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            let token: i64 = r.try_get("attempts")?;
-            match fail_attempt_in(&mut tx, &id, token, &runner_lost(), now).await? {
-                AttemptResult::Requeued => report.requeued.push(id),
-                AttemptResult::Completed => report.failed.push(id),
-                AttemptResult::Stale => {}
-            }
-        }
-        tx.commit().await?;
-        *self.boot.lock().unwrap() = Some(boot_id.to_string());
+        *self.boot.lock().unwrap() = Some(boot_id);
         Ok(report)
     }
 
     async fn join_cluster(&self, boot_id: &str, url: Option<&str>, now: Millis) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO boots (id, url, started_at, heartbeat_at) VALUES (?, ?, ?, ?)")
-            .bind(boot_id)
-            .bind(url)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
+        let boot_id = boot_id.to_owned();
+        let id = boot_id.clone();
+        let url = url.map(str::to_owned);
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let boot_id = &id;
+                        let url = url.as_deref();
+                        sqlx::query("INSERT INTO boots (id, url, started_at, heartbeat_at) VALUES (?, ?, ?, ?)")
+                            .bind(boot_id)
+                            .bind(url)
+                            .bind(now)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
             .await?;
-        tx.commit().await?;
-        *self.boot.lock().unwrap() = Some(boot_id.to_string());
+        *self.boot.lock().unwrap() = Some(boot_id);
         Ok(())
     }
 
     async fn heartbeat_boot(&self, boot_id: &str, now: Millis) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query("UPDATE boots SET heartbeat_at = ? WHERE id = ? AND reaped_at IS NULL")
-            .bind(now)
-            .bind(boot_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let boot_id = boot_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let boot_id = &boot_id;
+                        let n = sqlx::query("UPDATE boots SET heartbeat_at = ? WHERE id = ? AND reaped_at IS NULL")
+                            .bind(now)
+                            .bind(boot_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn reap_boots(&self, dead_before: Millis, also: Option<&str>, now: Millis) -> StoreResult<BootReport> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id FROM boots WHERE reaped_at IS NULL AND (heartbeat_at < ? OR id = ?) ORDER BY started_at",
-        )
-        .bind(dead_before)
-        .bind(also)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut report = BootReport::default();
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            reap_in(&mut tx, &id, now, &mut report).await?;
-        }
-        tx.commit().await?;
-        Ok(report)
+        let also = also.map(str::to_owned);
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let also = also.as_deref();
+                        let rows = sqlx::query(
+                "SELECT id FROM boots WHERE reaped_at IS NULL AND (heartbeat_at < ? OR id = ?) ORDER BY started_at",
+            )
+            .bind(dead_before)
+            .bind(also)
+            .fetch_all(&mut *tx)
+            .await?;
+                        let mut report = BootReport::default();
+                        for r in rows {
+                            let id: String = r.try_get("id")?;
+                            reap_in(&mut *tx, &id, now, &mut report).await?;
+                        }
+                        Ok(report)
+                    })
+                },
+                |report, ix| apply_report(report, ix),
+            )
+            .await
     }
 
     async fn get_boot(&self, boot_id: &str) -> StoreResult<Option<BootRecord>> {
@@ -394,41 +511,64 @@ impl Store for SqliteStore {
     }
 
     async fn ensure_setting(&self, name: &str, value: &str) -> StoreResult<String> {
-        let mut tx = self.begin().await?;
-        sqlx::query("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(value)
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query("SELECT value FROM settings WHERE name = ?").bind(name).fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(row.try_get("value")?)
+        let name = name.to_owned();
+        let value = value.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let name = &name;
+                        let value = &value;
+                        sqlx::query("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+                            .bind(name)
+                            .bind(value)
+                            .execute(&mut *tx)
+                            .await?;
+                        let row = sqlx::query("SELECT value FROM settings WHERE name = ?")
+                            .bind(name)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        Ok(row.try_get("value")?)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn insert_key(&self, k: &KeyRecord) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        let res = sqlx::query(
-            "INSERT INTO api_keys (key_id, owner_id, secret_hash, scope, name, created_at, revoked_at, webhook_dialect) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&k.key_id)
-        .bind(&k.owner_id)
-        .bind(&k.secret_hash)
-        .bind(&k.scope)
-        .bind(&k.name)
-        .bind(k.created_at)
-        .bind(k.revoked_at)
-        .bind(&k.webhook_dialect)
-        .execute(&mut *tx)
-        .await;
-        if let Err(sqlx::Error::Database(e)) = &res
-            && e.is_unique_violation()
-        {
-            return Err(StoreError::Duplicate(k.key_id.clone()));
-        }
-        res?;
-        tx.commit().await?;
-        Ok(())
+        let k = k.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let k = &k;
+            let res = sqlx::query(
+                "INSERT INTO api_keys (key_id, owner_id, secret_hash, scope, name, created_at, revoked_at, webhook_dialect) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&k.key_id)
+            .bind(&k.owner_id)
+            .bind(&k.secret_hash)
+            .bind(&k.scope)
+            .bind(&k.name)
+            .bind(k.created_at)
+            .bind(k.revoked_at)
+            .bind(&k.webhook_dialect)
+            .execute(&mut *tx)
+            .await;
+            if let Err(sqlx::Error::Database(e)) = &res
+                && e.is_unique_violation()
+            {
+                return Err(StoreError::Duplicate(k.key_id.clone()));
+            }
+            res?;
+            Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn get_key(&self, key_id: &str) -> StoreResult<Option<KeyRecord>> {
@@ -447,31 +587,50 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_key(&self, key_id: &str, now: Millis) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let key_id = key_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let key_id = &key_id;
+                        let n =
+                            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL")
+                                .bind(now)
+                                .bind(key_id)
+                                .execute(&mut *tx)
+                                .await?
+                                .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn insert_runner_token(&self, t: &RunnerTokenRecord) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO runner_tokens (token_hash, boot_id, app_id, created_at, revoked_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&t.token_hash)
-        .bind(&t.boot_id)
-        .bind(&t.app_id)
-        .bind(t.created_at)
-        .bind(t.revoked_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let t = t.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let t = &t;
+            sqlx::query(
+                "INSERT INTO runner_tokens (token_hash, boot_id, app_id, created_at, revoked_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&t.token_hash)
+            .bind(&t.boot_id)
+            .bind(&t.app_id)
+            .bind(t.created_at)
+            .bind(t.revoked_at)
+            .execute(&mut *tx)
+            .await?;
+            Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn get_runner_token(&self, token_hash: &str) -> StoreResult<Option<RunnerTokenRecord>> {
@@ -483,10 +642,19 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, j: &NewJob) -> StoreResult<JobRecord> {
-        let mut tx = self.begin().await?;
-        let rec = insert_job_in(&mut tx, j).await?;
-        tx.commit().await?;
-        Ok(rec)
+        let j = j.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let j = &j;
+                        let rec = insert_job_in(&mut *tx, j).await?;
+                        Ok(rec)
+                    })
+                },
+                |rec, ix| ix.record(rec),
+            )
+            .await
     }
 
     async fn enqueue_idempotent(
@@ -496,65 +664,69 @@ impl Store for SqliteStore {
         input_hash: &str,
         not_before: Millis,
     ) -> StoreResult<(JobRecord, bool)> {
-        let mut tx = self.begin().await?;
-        let row =
-            sqlx::query("SELECT job_id, input_hash, created_at FROM idempotency_keys WHERE owner_id = ? AND key = ?")
-                .bind(&j.owner_id)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(row) = row {
-            let created: Millis = row.try_get("created_at")?;
-            let job_id: String = row.try_get("job_id")?;
-            if created >= not_before {
-                if row.try_get::<String, _>("input_hash")? != input_hash {
-                    return Err(StoreError::IdempotencyMismatch(job_id));
-                }
-                let existing = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
-                    .bind(&job_id)
+        let j = j.to_owned();
+        let key = key.to_owned();
+        let input_hash = input_hash.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let j = &j;
+            let key = &key;
+            let input_hash = &input_hash;
+            let row =
+                sqlx::query("SELECT job_id, input_hash, created_at FROM idempotency_keys WHERE owner_id = ? AND key = ?")
+                    .bind(&j.owner_id)
+                    .bind(key)
                     .fetch_optional(&mut *tx)
                     .await?;
-                if let Some(r) = existing {
-                    let rec = job_from_row(&r)?;
-                    tx.commit().await?;
-                    return Ok((rec, false));
+            if let Some(row) = row {
+                let created: Millis = row.try_get("created_at")?;
+                let job_id: String = row.try_get("job_id")?;
+                if created >= not_before {
+                    if row.try_get::<String, _>("input_hash")? != *input_hash {
+                        return Err(StoreError::IdempotencyMismatch(job_id));
+                    }
+                    let existing = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?")))
+                        .bind(&job_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some(r) = existing {
+                        let rec = job_from_row(&r)?;
+                                                return Ok((rec, false));
+                    }
                 }
+                sqlx::query("DELETE FROM idempotency_keys WHERE owner_id = ? AND key = ?")
+                    .bind(&j.owner_id)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
             }
-            sqlx::query("DELETE FROM idempotency_keys WHERE owner_id = ? AND key = ?")
-                .bind(&j.owner_id)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let rec = insert_job_in(&mut tx, j).await?;
-        sqlx::query(
-            "INSERT INTO idempotency_keys (owner_id, key, job_id, input_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&j.owner_id)
-        .bind(key)
-        .bind(&j.id)
-        .bind(input_hash)
-        .bind(j.created_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok((rec, true))
+            let rec = insert_job_in(&mut *tx, j).await?;
+            sqlx::query(
+                "INSERT INTO idempotency_keys (owner_id, key, job_id, input_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&j.owner_id)
+            .bind(key)
+            .bind(&j.id)
+            .bind(input_hash)
+            .bind(j.created_at)
+            .execute(&mut *tx)
+            .await?;
+            Ok((rec, true))
+                    })
+                },
+                |(rec, _), ix| ix.record(rec),
+            )
+            .await
     }
 
     async fn count_active_for_key(&self, key_id: &str) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE key_id = ? AND state != 'completed'")
-            .bind(key_id)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(row.try_get("n")?)
+        Ok(self.index().active_for_key(key_id))
     }
 
     async fn count_queued(&self, app_id: &str) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND app_id = ?")
-            .bind(app_id)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(row.try_get("n")?)
+        Ok(self.index().queued(app_id))
     }
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
@@ -566,35 +738,77 @@ impl Store for SqliteStore {
     }
 
     async fn queue_position(&self, id: &str) -> StoreResult<Option<i64>> {
-        let row = sqlx::query(
-            "SELECT (SELECT count(*) FROM jobs q WHERE q.state = 'queued' AND q.app_id = j.app_id \
-               AND (q.priority > j.priority OR (q.priority = j.priority AND q.seq < j.seq))) AS pos \
-             FROM jobs j WHERE j.id = ? AND j.state = 'queued'",
-        )
-        .bind(id)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.map(|r| r.try_get("pos")).transpose()?)
+        Ok(self.index().position(id))
     }
 
     async fn count_queued_for_key(&self, key_id: &str, min_priority: i64) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT count(*) AS n FROM jobs WHERE state = 'queued' AND key_id = ? AND priority >= ?")
-            .bind(key_id)
-            .bind(min_priority)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(row.try_get("n")?)
+        Ok(self.index().queued_for_key(key_id, min_priority))
     }
 
-    async fn next_queued(&self, app_id: &str) -> StoreResult<Option<(String, Option<String>)>> {
-        // Read through the writer so a dispatcher never sees a snapshot older than its last claim.
-        let row = sqlx::query(
-            "SELECT id, runner_hint FROM jobs WHERE state = 'queued' AND app_id = ? ORDER BY priority DESC, seq LIMIT 1",
-        )
-        .bind(app_id)
-        .fetch_optional(&self.writer)
-        .await?;
-        row.map(|r| Ok((r.try_get("id")?, r.try_get("runner_hint")?))).transpose()
+    async fn next_queued(&self, app_id: &str, limit: i64) -> StoreResult<Vec<(String, Option<String>)>> {
+        Ok(self.index().next_queued(app_id, limit.max(1) as usize))
+    }
+
+    async fn job_brief(&self, id: &str) -> StoreResult<Option<JobBrief>> {
+        Ok(self.index().get(id).cloned())
+    }
+
+    async fn claim_many(
+        &self,
+        claims: &[(String, String)],
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<Vec<Option<JobRecord>>> {
+        let boot = self.boot.lock().unwrap().clone();
+        let claims = claims.to_vec();
+        let asked: Vec<String> = claims.iter().map(|c| c.0.clone()).collect();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let mut out = Vec::with_capacity(claims.len());
+                        for (job_id, runner_id) in &claims {
+                            out.push(claim_in(&mut *tx, job_id, runner_id, lease_until, now, boot.as_deref()).await?);
+                        }
+                        Ok(out)
+                    })
+                },
+                move |recs, ix| {
+                    for (rec, id) in recs.iter().zip(&asked) {
+                        match rec {
+                            Some(r) => ix.record(r),
+                            None => ix.forget_queued(id),
+                        }
+                    }
+                },
+            )
+            .await
+    }
+
+    async fn enqueue_claimed(
+        &self,
+        j: &NewJob,
+        runner_id: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> StoreResult<(JobRecord, bool)> {
+        let boot = self.boot.lock().unwrap().clone();
+        let j = j.clone();
+        let runner_id = runner_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let rec = insert_job_in(&mut *tx, &j).await?;
+                        match claim_in(&mut *tx, &j.id, &runner_id, lease_until, now, boot.as_deref()).await? {
+                            Some(r) => Ok((r, true)),
+                            None => Ok((rec, false)),
+                        }
+                    })
+                },
+                |(rec, _), ix| ix.record(rec),
+            )
+            .await
     }
 
     async fn claim(
@@ -604,22 +818,8 @@ impl Store for SqliteStore {
         lease_until: Millis,
         now: Millis,
     ) -> StoreResult<Option<JobRecord>> {
-        let boot = self.boot.lock().unwrap().clone();
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
-             started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
-        )))
-        .bind(runner_id)
-        .bind(lease_until)
-        .bind(now)
-        .bind(boot)
-        .bind(job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let rec = row.as_ref().map(job_from_row).transpose()?;
-        tx.commit().await?;
-        Ok(rec)
+        let mut v = self.claim_many(&[(job_id.to_owned(), runner_id.to_owned())], lease_until, now).await?;
+        Ok(v.pop().flatten())
     }
 
     async fn extend_leases(&self, runner_id: &str, job_ids: &[String], lease_until: Millis) -> StoreResult<u64> {
@@ -627,146 +827,235 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let ids = serde_json::to_string(job_ids).expect("strings serialise");
-        let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_runner = ? \
-             AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(lease_until)
-        .bind(runner_id)
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n)
+        let runner_id = runner_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let runner_id = &runner_id;
+                        let n = sqlx::query(
+                            "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_runner = ? \
+                 AND id IN (SELECT value FROM json_each(?))",
+                        )
+                        .bind(lease_until)
+                        .bind(runner_id)
+                        .bind(ids)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        Ok(n)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn complete(&self, job_id: &str, token: i64, o: &Outcome, now: Millis) -> StoreResult<CompleteResult> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, result_body = ?, error = ?, \
-             error_type = ?, inference_ms = ?, lease_runner = NULL, lease_expires_at = NULL \
-             WHERE id = ? AND state = 'running' AND attempts = ?",
-        )
-        .bind(now)
-        .bind(o.status as i64)
-        .bind(&o.body)
-        .bind(&o.error)
-        .bind(&o.error_type)
-        .bind(o.inference_ms)
-        .bind(job_id)
-        .bind(token)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 1 {
-            enqueue_webhook_in(&mut tx, job_id, o, now).await?;
-        }
-        tx.commit().await?;
-        Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
+        let job_id = job_id.to_owned();
+        let o = o.to_owned();
+        let done = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let o = &o;
+                        let n = sqlx::query(
+                "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, result_body = ?, error = ?, \
+                 error_type = ?, inference_ms = ?, lease_runner = NULL, lease_expires_at = NULL \
+                 WHERE id = ? AND state = 'running' AND attempts = ?",
+            )
+            .bind(now)
+            .bind(o.status as i64)
+            .bind(&o.body)
+            .bind(&o.error)
+            .bind(&o.error_type)
+            .bind(o.inference_ms)
+            .bind(job_id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+                        if n == 1 {
+                            enqueue_webhook_in(&mut *tx, job_id, o, now).await?;
+                        }
+                        Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
+                    })
+                },
+                move |res, ix| {
+                    if *res == CompleteResult::Applied {
+                        ix.remove(&done);
+                    }
+                },
+            )
+            .await
     }
 
     async fn fail_attempt(&self, job_id: &str, token: i64, o: &Outcome, now: Millis) -> StoreResult<AttemptResult> {
-        let mut tx = self.begin().await?;
-        let r = fail_attempt_in(&mut tx, job_id, token, o, now).await?;
-        tx.commit().await?;
-        Ok(r)
+        let job_id = job_id.to_owned();
+        let o = o.to_owned();
+        let done = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let o = &o;
+                        let r = fail_attempt_in(&mut *tx, job_id, token, o, now).await?;
+                        Ok(r)
+                    })
+                },
+                move |res, ix| apply_attempts(&[(done, res.clone())], ix),
+            )
+            .await
     }
 
     async fn release_runner(&self, runner_id: &str, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
-        let mut tx = self.begin().await?;
-        let rows =
-            sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_runner = ? ORDER BY seq")
-                .bind(runner_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        let out = fail_rows_in(&mut tx, rows, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let runner_id = runner_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let runner_id = &runner_id;
+                        let rows = sqlx::query(
+                            "SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_runner = ? ORDER BY seq",
+                        )
+                        .bind(runner_id)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let out = fail_rows_in(&mut *tx, rows, now).await?;
+                        Ok(out)
+                    })
+                },
+                |ended, ix| apply_attempts(ended, ix),
+            )
+            .await
     }
 
     async fn expire_leases(&self, now: Millis) -> StoreResult<Vec<(String, AttemptResult)>> {
-        let mut tx = self.begin().await?;
-        let rows =
-            sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires_at < ? ORDER BY seq")
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-        let out = fail_rows_in(&mut tx, rows, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let rows =
+                sqlx::query("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires_at < ? ORDER BY seq")
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let out = fail_rows_in(&mut *tx, rows, now).await?;
+            Ok(out)
+                    })
+                },
+                |ended, ix| apply_attempts(ended, ix),
+            )
+            .await
     }
 
     async fn expire_start_deadlines(&self, now: Millis) -> StoreResult<Vec<String>> {
-        let mut tx = self.begin().await?;
-        let timeout = Outcome::platform(&ApiError::new(
-            ErrorType::RequestTimeout,
-            "Request did not start before its X-Fal-Request-Timeout deadline",
-        ));
-        let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE state = 'queued' AND start_deadline IS NOT NULL AND start_deadline <= ?",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Vec::new();
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            write_outcome(&mut tx, &id, &timeout, now).await?;
-            out.push(id);
-        }
-        tx.commit().await?;
-        Ok(out)
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let timeout = Outcome::platform(&ApiError::new(
+                            ErrorType::RequestTimeout,
+                            "Request did not start before its X-Fal-Request-Timeout deadline",
+                        ));
+                        let rows = sqlx::query(
+                "SELECT id FROM jobs WHERE state = 'queued' AND start_deadline IS NOT NULL AND start_deadline <= ?",
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+                        let mut out = Vec::new();
+                        for r in rows {
+                            let id: String = r.try_get("id")?;
+                            write_outcome(&mut *tx, &id, &timeout, now).await?;
+                            out.push(id);
+                        }
+                        Ok(out)
+                    })
+                },
+                |ended, ix| ended.iter().for_each(|id| ix.remove(id)),
+            )
+            .await
     }
 
     async fn cancel(&self, job_id: &str, now: Millis) -> StoreResult<CancelResult> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query("SELECT state, lease_runner, attempts FROM jobs WHERE id = ?")
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return Ok(CancelResult::NotFound) };
-        let state: String = row.try_get("state")?;
-        let res = match state.as_str() {
-            "completed" => CancelResult::AlreadyCompleted,
-            s => {
-                let running_on = if s == "running" {
-                    let runner: Option<String> = row.try_get("lease_runner")?;
-                    runner.map(|r| (r, row.try_get::<i64, _>("attempts").unwrap_or(0)))
-                } else {
-                    None
-                };
-                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
-                write_outcome(&mut tx, job_id, &Outcome::cancelled(), now).await?;
-                CancelResult::Cancelled { running_on }
-            }
-        };
-        tx.commit().await?;
-        Ok(res)
+        let job_id = job_id.to_owned();
+        let done = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let row = sqlx::query("SELECT state, lease_runner, attempts FROM jobs WHERE id = ?")
+                            .bind(job_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let Some(row) = row else { return Ok(CancelResult::NotFound) };
+                        let state: String = row.try_get("state")?;
+                        let res = match state.as_str() {
+                            "completed" => CancelResult::AlreadyCompleted,
+                            s => {
+                                let running_on = if s == "running" {
+                                    let runner: Option<String> = row.try_get("lease_runner")?;
+                                    runner.map(|r| (r, row.try_get::<i64, _>("attempts").unwrap_or(0)))
+                                } else {
+                                    None
+                                };
+                                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+                                    .bind(job_id)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                write_outcome(&mut *tx, job_id, &Outcome::cancelled(), now).await?;
+                                CancelResult::Cancelled { running_on }
+                            }
+                        };
+                        Ok(res)
+                    })
+                },
+                move |res, ix| {
+                    if matches!(res, CancelResult::Cancelled { .. }) {
+                        ix.remove(&done);
+                    }
+                },
+            )
+            .await
     }
 
     async fn append_logs(&self, job_id: &str, token: i64, entries: &[LogEntry]) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let ok = sqlx::query("SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND attempts = ?")
-            .bind(job_id)
-            .bind(token)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
-        if ok {
-            for e in entries {
-                sqlx::query("INSERT INTO job_logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)")
-                    .bind(job_id)
-                    .bind(e.timestamp)
-                    .bind(&e.level)
-                    .bind(&e.message)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(ok)
+        let job_id = job_id.to_owned();
+        let entries = entries.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let entries = &entries;
+                        let ok = sqlx::query("SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND attempts = ?")
+                            .bind(job_id)
+                            .bind(token)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .is_some();
+                        if ok {
+                            for e in entries {
+                                sqlx::query("INSERT INTO job_logs (job_id, ts, level, message) VALUES (?, ?, ?, ?)")
+                                    .bind(job_id)
+                                    .bind(e.timestamp)
+                                    .bind(&e.level)
+                                    .bind(&e.message)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                        }
+                        Ok(ok)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn get_logs(&self, job_id: &str) -> StoreResult<Vec<LogEntry>> {
@@ -796,14 +1085,7 @@ impl Store for SqliteStore {
     }
 
     async fn app_depths(&self) -> StoreResult<Vec<AppDepth>> {
-        let rows = sqlx::query(
-            "SELECT app_id, sum(state = 'queued') AS queued, sum(state = 'running') AS running, \
-             min(CASE WHEN state = 'queued' THEN created_at END) AS oldest_queued_at FROM jobs \
-             WHERE state != 'completed' GROUP BY app_id ORDER BY app_id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(|r| depth_from_row!(r)).collect()
+        Ok(self.index().depths())
     }
 
     async fn claim_due_webhooks(
@@ -812,20 +1094,27 @@ impl Store for SqliteStore {
         lease_until: Millis,
         limit: i64,
     ) -> StoreResult<Vec<WebhookDelivery>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET lease_until = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
-             WHERE state = 'pending' AND next_attempt_at <= ?2 AND (lease_until IS NULL OR lease_until < ?2) \
-             ORDER BY next_attempt_at LIMIT ?3) RETURNING *",
-        )
-        .bind(lease_until)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let out = rows.iter().map(delivery_from_row).collect::<StoreResult<Vec<_>>>()?;
-        tx.commit().await?;
-        Ok(out)
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let rows = sqlx::query(
+                "UPDATE webhook_deliveries SET lease_until = ?1 WHERE id IN (SELECT id FROM webhook_deliveries \
+                 WHERE state = 'pending' AND next_attempt_at <= ?2 AND (lease_until IS NULL OR lease_until < ?2) \
+                 ORDER BY next_attempt_at LIMIT ?3) RETURNING *",
+            )
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+                        let out = rows.iter().map(delivery_from_row).collect::<StoreResult<Vec<_>>>()?;
+                        Ok(out)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn next_webhook_due(&self) -> StoreResult<Option<Millis>> {
@@ -833,7 +1122,7 @@ impl Store for SqliteStore {
             "SELECT min(max(next_attempt_at, coalesce(lease_until, 0))) AS t FROM webhook_deliveries \
              WHERE state = 'pending'",
         )
-        .fetch_one(&self.writer)
+        .fetch_one(&self.reader)
         .await?;
         Ok(row.try_get("t")?)
     }
@@ -845,38 +1134,49 @@ impl Store for SqliteStore {
         next: DeliveryNext,
         now: Millis,
     ) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, status, error) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(a.attempt)
-        .bind(a.started_at)
-        .bind(a.duration_ms)
-        .bind(a.status)
-        .bind(&a.error)
-        .execute(&mut *tx)
-        .await?;
-        let (state, next_at, delivered_at) = match next {
-            DeliveryNext::Delivered => ("delivered", None, Some(now)),
-            DeliveryNext::Retry { at } => ("pending", Some(at), None),
-            DeliveryNext::Dead => ("dead", None, None),
-        };
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?, lease_until = NULL, \
-             last_status = ?, last_error = ?, delivered_at = coalesce(?, delivered_at) \
-             WHERE id = ? AND lease_until IS NOT NULL",
-        )
-        .bind(state)
-        .bind(next_at)
-        .bind(a.status)
-        .bind(&a.error)
-        .bind(delivered_at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let id = id.to_owned();
+        let a = a.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let id = &id;
+            let a = &a;
+            sqlx::query(
+                "INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, status, error) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(a.attempt)
+            .bind(a.started_at)
+            .bind(a.duration_ms)
+            .bind(a.status)
+            .bind(&a.error)
+            .execute(&mut *tx)
+            .await?;
+            let (state, next_at, delivered_at) = match next {
+                DeliveryNext::Delivered => ("delivered", None, Some(now)),
+                DeliveryNext::Retry { at } => ("pending", Some(at), None),
+                DeliveryNext::Dead => ("dead", None, None),
+            };
+            sqlx::query(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?, lease_until = NULL, \
+                 last_status = ?, last_error = ?, delivered_at = coalesce(?, delivered_at) \
+                 WHERE id = ? AND lease_until IS NOT NULL",
+            )
+            .bind(state)
+            .bind(next_at)
+            .bind(a.status)
+            .bind(&a.error)
+            .bind(delivered_at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn list_webhooks(&self, f: &WebhookFilter) -> StoreResult<Vec<WebhookDelivery>> {
@@ -910,18 +1210,27 @@ impl Store for SqliteStore {
     }
 
     async fn redeliver_webhook(&self, id: &str, now: Millis) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'pending', round_start = attempts, next_attempt_at = ?1, lease_until = NULL \
-             WHERE id = ?2 AND (lease_until IS NULL OR lease_until < ?1)",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let id = id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+            let id = &id;
+            let n = sqlx::query(
+                "UPDATE webhook_deliveries SET state = 'pending', round_start = attempts, next_attempt_at = ?1, lease_until = NULL \
+                 WHERE id = ?2 AND (lease_until IS NULL OR lease_until < ?1)",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRecord>> {
@@ -930,35 +1239,62 @@ impl Store for SqliteStore {
     }
 
     async fn insert_signing_key(&self, k: &SigningKeyRecord, retire_others: bool) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        if retire_others {
-            sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
-                .bind(k.created_at)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("INSERT INTO signing_keys (kid, secret, created_at, retired_at) VALUES (?, ?, ?, ?)")
-            .bind(&k.kid)
-            .bind(&k.secret)
-            .bind(k.created_at)
-            .bind(k.retired_at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        let k = k.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let k = &k;
+                        if retire_others {
+                            sqlx::query("UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL")
+                                .bind(k.created_at)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        sqlx::query(
+                            "INSERT INTO signing_keys (kid, secret, created_at, retired_at) VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(&k.kid)
+                        .bind(&k.secret)
+                        .bind(k.created_at)
+                        .bind(k.retired_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn set_cold_start(&self, job_id: &str, token: i64, ms: i64) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query("UPDATE jobs SET cold_start_ms = ? WHERE id = ? AND attempts = ? AND state != 'completed'")
-            .bind(ms)
-            .bind(job_id)
-            .bind(token)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let job_id = job_id.to_owned();
+        let done = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let n = sqlx::query(
+                            "UPDATE jobs SET cold_start_ms = ? WHERE id = ? AND attempts = ? AND state != 'completed'",
+                        )
+                        .bind(ms)
+                        .bind(job_id)
+                        .bind(token)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                move |ok, ix| {
+                    if *ok {
+                        ix.set_cold_start(&done, ms);
+                    }
+                },
+            )
+            .await
     }
 
     async fn list_app_scaling(&self) -> StoreResult<Vec<(String, String)>> {
@@ -967,48 +1303,71 @@ impl Store for SqliteStore {
     }
 
     async fn set_app_scaling(&self, app_id: &str, patch: Option<&str>, now: Millis) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        match patch {
-            Some(p) => {
-                sqlx::query(
-                    "INSERT INTO app_scaling (app_id, patch, updated_at) VALUES (?, ?, ?) \
-                     ON CONFLICT (app_id) DO UPDATE SET patch = excluded.patch, updated_at = excluded.updated_at",
-                )
-                .bind(app_id)
-                .bind(p)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            None => {
-                sqlx::query("DELETE FROM app_scaling WHERE app_id = ?").bind(app_id).execute(&mut *tx).await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+        let app_id = app_id.to_owned();
+        let patch = patch.map(str::to_owned);
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let app_id = &app_id;
+                        let patch = patch.as_deref();
+                        match patch {
+                            Some(p) => {
+                                sqlx::query(
+                                    "INSERT INTO app_scaling (app_id, patch, updated_at) VALUES (?, ?, ?) \
+                         ON CONFLICT (app_id) DO UPDATE SET patch = excluded.patch, updated_at = excluded.updated_at",
+                                )
+                                .bind(app_id)
+                                .bind(p)
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                            }
+                            None => {
+                                sqlx::query("DELETE FROM app_scaling WHERE app_id = ?")
+                                    .bind(app_id)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                        }
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn insert_file(&self, f: &FileRecord) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO files (id, owner_id, file_name, content_type, size, state, public, job_id, created_at, \
-             completed_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )
-        .bind(&f.id)
-        .bind(&f.owner_id)
-        .bind(&f.file_name)
-        .bind(&f.content_type)
-        .bind(f.size)
-        .bind(&f.state)
-        .bind(f.public)
-        .bind(&f.job_id)
-        .bind(f.created_at)
-        .bind(f.completed_at)
-        .bind(f.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let f = f.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let f = &f;
+                        sqlx::query(
+                "INSERT INTO files (id, owner_id, file_name, content_type, size, state, public, job_id, created_at, \
+                 completed_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .bind(&f.id)
+            .bind(&f.owner_id)
+            .bind(&f.file_name)
+            .bind(&f.content_type)
+            .bind(f.size)
+            .bind(&f.state)
+            .bind(f.public)
+            .bind(&f.job_id)
+            .bind(f.created_at)
+            .bind(f.completed_at)
+            .bind(f.expires_at)
+            .execute(&mut *tx)
+            .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn get_file(&self, id: &str) -> StoreResult<Option<FileRecord>> {
@@ -1017,18 +1376,27 @@ impl Store for SqliteStore {
     }
 
     async fn finish_file(&self, id: &str, size: i64, now: Millis) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query(
-            "UPDATE files SET state = 'ready', size = ?1, completed_at = ?2 WHERE id = ?3 AND state = 'pending'",
-        )
-        .bind(size)
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let id = id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let id = &id;
+                        let n = sqlx::query(
+                "UPDATE files SET state = 'ready', size = ?1, completed_at = ?2 WHERE id = ?3 AND state = 'pending'",
+            )
+            .bind(size)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>> {
@@ -1045,10 +1413,23 @@ impl Store for SqliteStore {
     }
 
     async fn delete_file(&self, id: &str) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let n = sqlx::query("DELETE FROM files WHERE id = ?1").bind(id).execute(&mut *tx).await?.rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        let id = id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let id = &id;
+                        let n = sqlx::query("DELETE FROM files WHERE id = ?1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn expired_files(&self, now: Millis, pending_before: Millis, limit: i64) -> StoreResult<Vec<FileRecord>> {
@@ -1065,44 +1446,72 @@ impl Store for SqliteStore {
     }
 
     async fn disable_retries(&self, job_id: &str) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE jobs SET no_retry = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
+        let job_id = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        sqlx::query("UPDATE jobs SET no_retry = 1 WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn delete_payload(&self, job_id: &str, now: Millis) -> StoreResult<DeleteResult> {
-        let mut tx = self.begin().await?;
-        let row = sqlx::query("SELECT state FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
-        let res = match row {
-            None => DeleteResult::NotFound,
-            Some(r) if r.try_get::<String, _>("state")? != "completed" => DeleteResult::NotCompleted,
-            Some(_) => {
-                purge_in(&mut tx, job_id, now).await?;
-                DeleteResult::Deleted
-            }
-        };
-        tx.commit().await?;
-        Ok(res)
+        let job_id = job_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let job_id = &job_id;
+                        let row = sqlx::query("SELECT state FROM jobs WHERE id = ?")
+                            .bind(job_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        let res = match row {
+                            None => DeleteResult::NotFound,
+                            Some(r) if r.try_get::<String, _>("state")? != "completed" => DeleteResult::NotCompleted,
+                            Some(_) => {
+                                purge_in(&mut *tx, job_id, now).await?;
+                                DeleteResult::Deleted
+                            }
+                        };
+                        Ok(res)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 
     async fn purge_payloads(&self, completed_before: Millis, now: Millis, limit: i64) -> StoreResult<Vec<String>> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE state = 'completed' AND payload_deleted_at IS NULL AND completed_at < ? \
-             ORDER BY completed_at LIMIT ?",
-        )
-        .bind(completed_before)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            purge_in(&mut tx, &id, now).await?;
-            out.push(id);
-        }
-        tx.commit().await?;
-        Ok(out)
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let rows = sqlx::query(
+                "SELECT id FROM jobs WHERE state = 'completed' AND payload_deleted_at IS NULL AND completed_at < ? \
+                 ORDER BY completed_at LIMIT ?",
+            )
+            .bind(completed_before)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+                        let mut out = Vec::with_capacity(rows.len());
+                        for r in rows {
+                            let id: String = r.try_get("id")?;
+                            purge_in(&mut *tx, &id, now).await?;
+                            out.push(id);
+                        }
+                        Ok(out)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
     }
 }

@@ -102,7 +102,7 @@ async fn concurrent_claims_across_stores_are_exclusive() {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while let Some((id, _)) = s.next_queued("app").await.unwrap() {
+            while let Some((id, _)) = s.next_queued("app", 1).await.unwrap().into_iter().next() {
                 if let Some(j) = s.claim(&id, &format!("w{w}"), 60_000, 1).await.unwrap() {
                     got.push(j.id);
                 }

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod bench;
 mod client;
 mod files_cmd;
 mod serve;
@@ -86,6 +87,9 @@ enum Command {
         #[command(subcommand)]
         command: RequestsCommand,
     },
+    /// Load generators for the benchmarks in BENCHMARKS.md (closed-loop HTTP load, status pollers).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Files in the server's storage: upload (prints a signed URL), list, download, delete.
     Files {
         #[command(flatten)]
@@ -371,6 +375,7 @@ fn main() -> anyhow::Result<()> {
             Command::Requests { data, command } => requests_cmd(&data.data_dir, command).await,
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
+            Command::Bench(c) => bench::run(c).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())

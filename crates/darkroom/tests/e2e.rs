@@ -372,3 +372,75 @@ async fn a_runner_killed_mid_job_reruns_the_job() {
     let rs = s.wait_runners(1).await;
     assert_ne!(rs[0]["pid"].as_i64().unwrap() as i32, pid, "the supervisor restarted the runner");
 }
+
+/// Inputs and results over 64 KiB are kept as objects (not in job rows) and come back whole through every way of
+/// reading them; a small input that looks like the row's marker is stored as an object too; deleting the request's
+/// payloads deletes the objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_live_in_object_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    s.wait_runners(1).await;
+    let big = "é".repeat(60 * 1024); // 120 KiB of UTF-8
+    let db_bytes = |d: &std::path::Path| -> i64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".db"))
+            .map(|e| e.metadata().unwrap().len() as i64)
+            .sum()
+    };
+    let db_before = db_bytes(dir.path());
+    let sub = s.submit(json!({"echo": {"big": big}})).await;
+    let id = sub["request_id"].as_str().unwrap().to_string();
+    let (code, out) = s.result(&id).await;
+    assert_eq!(code, 200);
+    assert_eq!(out["echo"]["big"].as_str().unwrap(), big);
+    let objects = dir.path().join("objects").join("payloads").join(&id);
+    assert!(objects.join("input.json").is_file(), "the input is an object");
+    assert!(objects.join("result.json").is_file(), "the result is an object");
+    let input: Value = serde_json::from_slice(&std::fs::read(objects.join("input.json")).unwrap()).unwrap();
+    assert_eq!(input["echo"]["big"].as_str().unwrap(), big);
+    // The row holds only a marker: the database file stays small although 240 KiB passed through it.
+    let grew = db_bytes(dir.path()) - db_before;
+    assert!(grew < 160 * 1024, "database and WAL grew by {grew} bytes");
+    let (code, shown) = s.call(reqwest::Method::GET, &format!("/v1/requests/{id}"), None).await;
+    assert_eq!(code, 200);
+    assert_eq!(shown["input"]["echo"]["big"].as_str().unwrap(), big);
+    assert_eq!(shown["result"]["echo"]["big"].as_str().unwrap(), big);
+    // A synchronous run reads its large result back too.
+    let r = s
+        .http
+        .post(format!("{}/run/{APP}", s.url))
+        .header("authorization", s.auth())
+        .json(&json!({"echo": big}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["echo"].as_str().unwrap(), big);
+
+    // Small, but shaped like the marker: stored as an object, so it cannot stand for anything else.
+    let r = s
+        .http
+        .post(format!("{}/queue/{APP}", s.url))
+        .header("authorization", s.auth())
+        .json(&json!({"$darkroom_object": "result", "bytes": 1, "echo": 7}))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 200 {
+        let fid = r.json::<Value>().await.unwrap()["request_id"].as_str().unwrap().to_string();
+        let (code, out) = s.result(&fid).await;
+        assert_eq!((code, &out["echo"]), (200, &json!(7)));
+        assert!(dir.path().join("objects/payloads").join(&fid).join("input.json").is_file());
+    } else {
+        assert_eq!(r.status(), 422, "the app's schema may refuse the extra fields");
+    }
+
+    let (code, _) = s.call(reqwest::Method::DELETE, &format!("/v1/requests/{id}"), None).await;
+    assert_eq!(code, 200);
+    assert!(!objects.join("input.json").exists() && !objects.join("result.json").exists(), "objects deleted");
+    let (code, body) = s.call(reqwest::Method::GET, &format!("/queue/{APP}/requests/{id}"), None).await;
+    assert_eq!((code, body["error_type"].as_str()), (410, Some("request_payload_deleted")));
+}
