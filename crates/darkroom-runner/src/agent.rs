@@ -228,7 +228,7 @@ async fn connect_and_serve(
     } else {
         None
     };
-    let (ws, _) = match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
+    let (ws, _) = match tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await {
         Ok(x) => x,
         Err(tungstenite::Error::Http(resp)) if resp.status() == 401 || resp.status() == 403 => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
