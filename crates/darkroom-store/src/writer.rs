@@ -142,7 +142,7 @@ async fn run(
 }
 
 async fn run_batch(conn: &mut SqliteConnection, batch: Vec<Op>, index: &RwLock<Index>) {
-    metrics_batch(batch.len());
+    tracing::trace!(ops = batch.len(), "store: group commit");
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
         tracing::error!(error = %e, "store: BEGIN failed");
         // Dropping the operations answers their callers with an error.
@@ -190,10 +190,6 @@ async fn run_batch(conn: &mut SqliteConnection, batch: Vec<Op>, index: &RwLock<I
     for f in finishes {
         f(committed, &mut ix);
     }
-}
-
-fn metrics_batch(n: usize) {
-    tracing::trace!(ops = n, "store: group commit");
 }
 
 /// Rebuilds the index from the database; a difference means a transition was missed, which is logged.
