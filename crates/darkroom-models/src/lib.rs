@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub mod diagnostics;
 pub mod files;
 pub mod image_utils;
+pub mod store;
 
 pub use files::{Fetched, File, FileError, FileIo, InlineFiles};
 
