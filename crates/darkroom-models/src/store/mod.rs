@@ -464,7 +464,7 @@ impl ModelStore {
         tokio::fs::rename(&out, &dir).await?;
         let _ = tokio::fs::remove_dir_all(&staging).await;
         progress.event(PullEvent::Installed { id: m.id.clone(), dir: dir.clone() });
-        tracing::info!(model = %m.id, dir = %dir.display(), "model installed");
+        tracing::debug!(model = %m.id, dir = %dir.display(), "model installed");
         Ok(Installed { id: m.id.clone(), dir, record })
     }
 
