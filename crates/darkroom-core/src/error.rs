@@ -77,6 +77,15 @@ catalog! {
     GatewayRestarted = (503, "gateway_restarted"),
     /// The app failed the request; the body is the app's own.
     AppError = (500, "app_error"),
+    /// The app's runner could not get ready (its setup failed); queued requests fail with this rather than wait.
+    AppSetupFailed = (503, "app_setup_failed"),
+    /// The app's model weights could not be had from any of their sources; the detail names each failure.
+    ModelWeightsUnavailable = (503, "model_weights_unavailable"),
+    /// The app's model weights are not cached and the model store is offline; the detail names the
+    /// `darkroom models pull` command that fetches them.
+    ModelWeightsOffline = (503, "model_weights_offline"),
+    /// The app's model weights do not match their manifest's sha256 or size.
+    ModelWeightsCorrupt = (503, "model_weights_corrupt"),
     /// The runner token is unknown, revoked, or from a previous server boot.
     RunnerTokenInvalid = (401, "runner_token_invalid"),
     /// The proxy target URL is missing or not a fal or Darkroom URL.

@@ -490,7 +490,8 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
     let now = gw.now();
     let phase = match state.as_deref() {
         Some("pull") => ConnPhase::Pull,
-        Some("setup") => ConnPhase::Setup,
+        // A failed runner says why in the State frame that follows; it gets no work meanwhile.
+        Some("setup") | Some("failed") => ConnPhase::Setup,
         Some("draining") => ConnPhase::Draining,
         _ => ConnPhase::Ready,
     };
@@ -638,14 +639,71 @@ fn refused(gw: &Gateway, runner_id: &str, job_id: &str, token: i64, reason: &str
     gw.hub.send(runner_id, GatewayFrame::Refused { job_id: job_id.into(), token, reason: reason.into() });
 }
 
+/// A runner could not get ready (its weights could not be had, say): the app's queued requests fail with the
+/// reason rather than wait for a runner that cannot come. The runner's message is `"{error_type}: {detail}"` for
+/// the model store's failures; anything else is `app_setup_failed`. Requests submitted later get a new runner (the
+/// fleet restarts with backoff), and fail the same way while the cause lasts.
+async fn fail_queued_after_setup_failure(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, why: &str) {
+    use darkroom_core::ApiError;
+    let (etype, detail) = match why.split_once(": ") {
+        Some((t, d)) => match ErrorType::from_name(t) {
+            Some(
+                t @ (ErrorType::ModelWeightsUnavailable
+                | ErrorType::ModelWeightsOffline
+                | ErrorType::ModelWeightsCorrupt
+                | ErrorType::AppSetupFailed),
+            ) => (t, d),
+            _ => (ErrorType::AppSetupFailed, why),
+        },
+        None => (ErrorType::AppSetupFailed, why),
+    };
+    let err = ApiError::new(etype, format!("The app could not get ready: {detail}"));
+    let outcome = Outcome::platform(&err);
+    for _ in 0..100 {
+        let queued = match gw.store.next_queued(app_id, 64).await {
+            Ok(q) if !q.is_empty() => q,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, app = %app_id, "listing queued requests failed");
+                return;
+            }
+        };
+        for (job_id, _) in queued {
+            let now = gw.now();
+            let claimed = match gw.store.claim(&job_id, runner_id, now + gw.cfg.lease_ms, now).await {
+                Ok(Some(rec)) => rec,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, request_id = %job_id, "claiming a request to fail it failed");
+                    return;
+                }
+            };
+            match gw.store.complete(&job_id, claimed.attempts, &outcome, now).await {
+                Ok(darkroom_store::CompleteResult::Applied) => {
+                    tracing::warn!(request_id = %job_id, app = %app_id, error_type = etype.as_str(), "request failed: app setup failed");
+                    gw.finished_by_id(&job_id).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, request_id = %job_id, "failing a request failed"),
+            }
+        }
+    }
+}
+
 async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: RunnerFrame) {
     let now = gw.now();
     match frame {
         RunnerFrame::Hello { .. } | RunnerFrame::Ack { .. } => {}
         RunnerFrame::State { state, message } => {
+            if state == "failed" {
+                let why = message.clone().unwrap_or_default();
+                tracing::error!(%runner_id, app = %app_id, reason = %why, "runner setup failed");
+                let (gw, runner_id, app_id) = (gw.clone(), runner_id.to_string(), app_id.to_string());
+                tokio::spawn(async move { fail_queued_after_setup_failure(&gw, &runner_id, &app_id, &why).await });
+            }
             let phase = match state.as_str() {
                 "pull" => ConnPhase::Pull,
-                "setup" => ConnPhase::Setup,
+                "setup" | "failed" => ConnPhase::Setup,
                 "ready" => ConnPhase::Ready,
                 "draining" => ConnPhase::Draining,
                 other => {

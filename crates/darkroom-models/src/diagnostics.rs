@@ -97,8 +97,17 @@ impl Model for Diagnostics {
     }
 
     /// `DARKROOM_DIAGNOSTICS_PULL_MS` and `DARKROOM_DIAGNOSTICS_SETUP_MS` make its PULL and SETUP take that long (to
-    /// exercise cold starts and their timeouts); it has no weights to fetch.
+    /// exercise cold starts and their timeouts). It needs no weights, but `DARKROOM_DIAGNOSTICS_WEIGHTS=MODEL` makes
+    /// it fetch a model through the model store in its PULL state, as a real model does (to exercise the store from
+    /// a runner: progress, offline mode, failures).
     async fn setup(&self, report: &crate::SetupReporter) -> Result<(), String> {
+        if let Ok(id) = std::env::var("DARKROOM_DIAGNOSTICS_WEIGHTS")
+            && !id.is_empty()
+        {
+            let store = crate::store::ModelStore::from_env();
+            let installed = crate::store::pull_for_setup(&store, &id, report).await?;
+            report.stage(crate::SetupStage::Setup, format!("weights {id} in {}", installed.dir.display()));
+        }
         let env_ms = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let pull = env_ms("DARKROOM_DIAGNOSTICS_PULL_MS");
         if pull > 0 {

@@ -164,7 +164,8 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     let mut reconnect = false;
     loop {
-        if let Phase::Failed(e) = &*phase_rx.borrow() {
+        // A failed setup is reported to the gateway once (its queued requests fail with the reason), then exits.
+        if reconnect && let Phase::Failed(e) = &*phase_rx.borrow() {
             bail!("model setup failed: {e}");
         }
         let res =
@@ -280,6 +281,10 @@ async fn connect_and_serve(
         let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });
     }
     let result = loop {
+        if let Phase::Failed(e) = &*phase.borrow() {
+            // The failed state (queued above or below) goes out with the flush after the loop.
+            break Err(anyhow::anyhow!("model setup failed: {e}"));
+        }
         if draining && jobs.is_empty() {
             break Ok(Ended::Drained);
         }
@@ -291,9 +296,6 @@ async fn connect_and_serve(
             changed = phase.changed() => {
                 if changed.is_err() { continue; }
                 let (state, message) = phase.borrow_and_update().wire();
-                if let Phase::Failed(e) = &*phase.borrow() {
-                    break Err(anyhow::anyhow!("model setup failed: {e}"));
-                }
                 let _ = out_tx.send(RunnerFrame::State { state: state.into(), message });
             }
             msg = stream.next() => {

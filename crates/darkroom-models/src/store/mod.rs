@@ -644,6 +644,61 @@ impl ModelStore {
     }
 }
 
+/// Gets a model's weights while a runner sets up: fetching is the runner's PULL state, with progress in its log
+/// and state message. A failure reads `"{error_type}: {message}"`; the gateway fails the app's queued requests
+/// with that error type.
+pub async fn pull_for_setup(store: &ModelStore, id: &str, report: &crate::SetupReporter) -> Result<Installed, String> {
+    let m = store.manifest(id).map_err(|e| format!("{}: {e}", e.error_type()))?;
+    if let Some(i) = store.installed(&m) {
+        return Ok(i);
+    }
+    report.stage(crate::SetupStage::Pull, format!("fetching model weights {id}"));
+    let progress = SetupProgress { id: id.into(), report: report.clone(), last: Default::default() };
+    store.pull(&m, &progress, false).await.map_err(|e| format!("{}: {e}", e.error_type()))
+}
+
+/// Turns pull events into PULL state messages, at most one per 5 % of a file (or per second).
+struct SetupProgress {
+    id: String,
+    report: crate::SetupReporter,
+    /// (file, total, done, last percent reported, when)
+    last: std::sync::Mutex<(String, u64, u64, u64, Option<std::time::Instant>)>,
+}
+
+impl PullProgress for SetupProgress {
+    fn event(&self, e: PullEvent) {
+        let say = |m: String| self.report.stage(crate::SetupStage::Pull, format!("{}: {m}", self.id));
+        match e {
+            PullEvent::Waiting { .. } => say("waiting for another process fetching it".into()),
+            PullEvent::Source { source, .. } => say(format!("fetching from {source}")),
+            PullEvent::SourceFailed { source, error } => say(format!("{source} failed: {error}")),
+            PullEvent::Verifying { .. } => say("checking sha256".into()),
+            PullEvent::Converting { step } => say(format!("converting ({step})")),
+            PullEvent::Installed { .. } | PullEvent::FileDone { .. } => {}
+            PullEvent::FileStart { name, total, done } => {
+                *self.last.lock().unwrap() = (name.clone(), total.unwrap_or(0), done, 0, None);
+                say(format!("downloading {name}"));
+            }
+            PullEvent::FileProgress { bytes, .. } => {
+                let mut l = self.last.lock().unwrap();
+                l.2 += bytes;
+                if l.1 == 0 {
+                    return;
+                }
+                let pct = (l.2 * 100 / l.1).min(100);
+                let due = l.4.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+                if pct >= l.3 + 5 || (due && pct > l.3) {
+                    l.3 = pct;
+                    l.4 = Some(std::time::Instant::now());
+                    let msg = format!("downloading {} {pct}% of {:.1} MB", l.0, l.1 as f64 / 1e6);
+                    drop(l);
+                    say(msg);
+                }
+            }
+        }
+    }
+}
+
 fn chrono_now() -> String {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     format!("{}", d.as_secs())
