@@ -9,10 +9,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod audio;
 pub mod diagnostics;
 pub mod files;
 pub mod image_utils;
+pub mod piper;
 pub mod store;
+pub mod whisper;
 
 pub use files::{Fetched, File, FileError, FileIo, InlineFiles};
 
@@ -152,7 +155,12 @@ impl SetupReporter {
 
 /// Every built-in model's app spec.
 pub fn builtin_specs() -> Vec<AppSpec> {
-    vec![diagnostics::Diagnostics.spec(), image_utils::ImageUtils.spec()]
+    vec![
+        diagnostics::Diagnostics.spec(),
+        image_utils::ImageUtils.spec(),
+        whisper::WhisperApp::new().spec(),
+        piper::PiperTts::new().spec(),
+    ]
 }
 
 /// Loads a built-in model by app id.
@@ -160,6 +168,8 @@ pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
     match app_id {
         diagnostics::APP_ID => Some(Arc::new(diagnostics::Diagnostics)),
         image_utils::APP_ID => Some(Arc::new(image_utils::ImageUtils)),
+        whisper::APP_ID => Some(Arc::new(whisper::WhisperApp::new())),
+        piper::APP_ID => Some(Arc::new(piper::PiperTts::new())),
         _ => None,
     }
 }

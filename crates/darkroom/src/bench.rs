@@ -19,6 +19,22 @@ pub enum BenchCommand {
     Load(LoadArgs),
     /// Submit one queue request per client, then poll each one's status every --interval-ms; print status latency.
     Poll(PollArgs),
+    /// Time Whisper (darkroom/whisper's code, in process) on audio files: load time, then per file the median wall
+    /// time of --runs transcriptions after one warm-up, the real-time factor and the stage split; JSON lines.
+    Stt(SttArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SttArgs {
+    /// Audio files (WAV, MP3, FLAC, OGG, M4A).
+    #[arg(required = true)]
+    files: Vec<std::path::PathBuf>,
+    /// The model store's Whisper model.
+    #[arg(long, default_value = "whisper-tiny.en")]
+    model: String,
+    /// Timed runs per file (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -122,7 +138,54 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Load(a) => load(a).await,
         BenchCommand::Poll(a) => poll(a).await,
+        BenchCommand::Stt(a) => stt(a).await,
     }
+}
+
+async fn stt(a: SttArgs) -> anyhow::Result<()> {
+    use darkroom_models::whisper;
+    let store = darkroom_models::store::ModelStore::from_env();
+    let inst = store.ensure(&a.model, &darkroom_models::store::Quiet).await?;
+    let t = Instant::now();
+    let m = whisper::Loaded::from_dir(&inst.dir).map_err(anyhow::Error::msg)?;
+    println!("{}", json!({"model": a.model, "load_s": t.elapsed().as_secs_f64(), "threads": candle_threads()}));
+    let input: whisper::WhisperInput = serde_json::from_value(json!({"audio_url": "file"}))?;
+    for f in &a.files {
+        let ext = f.extension().and_then(|e| e.to_str()).map(str::to_string);
+        let pcm = darkroom_models::audio::decode(std::fs::read(f)?, ext.as_deref()).map_err(anyhow::Error::msg)?;
+        let pcm = darkroom_models::audio::resample(&pcm, 16_000);
+        let dur = pcm.duration();
+        let bar = indicatif::ProgressBar::new(a.runs as u64 + 1);
+        bar.set_message(f.display().to_string());
+        let mut times = vec![];
+        let mut text = String::new();
+        for i in 0..=a.runs {
+            let t = Instant::now();
+            let out = whisper::transcribe(&m, &pcm.samples, &input, &|| false, &|_| {})
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            text = out.text;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "{}",
+            json!({"file": f.display().to_string(), "audio_s": dur, "median_s": median, "min_s": times[0],
+                   "max_s": times[times.len() - 1], "rtf": median / dur, "text": text})
+        );
+    }
+    Ok(())
+}
+
+fn candle_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 async fn load(a: LoadArgs) -> anyhow::Result<()> {
