@@ -189,6 +189,29 @@ mod tests {
         assert!(rms < 0.02, "{rms}");
     }
 
+    /// 1 s of a 440 Hz tone at 44.1 kHz stereo, encoded by FFmpeg (through PyAV) as MP3, AAC in M4A, FLAC and
+    /// Vorbis in OGG (tests/fixtures).
+    #[test]
+    fn decodes_mp3_m4a_flac_and_ogg() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for name in ["tone.mp3", "tone.m4a", "tone.flac", "tone.ogg"] {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            // The probe finds the format by content alone, too.
+            for hint in [name.rsplit('.').next(), None] {
+                let pcm = decode(bytes.clone(), hint).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(pcm.sample_rate, 44_100, "{name}");
+                assert!((0.95..1.15).contains(&pcm.duration()), "{name}: {} s", pcm.duration());
+                let r = resample(&pcm, 16_000);
+                // Count rising zero crossings in the middle half second: 440 Hz gives ~220.
+                let mid = &r.samples[4000..12000];
+                let ups = mid.windows(2).filter(|w| w[0] < 0.0 && w[1] >= 0.0).count();
+                assert!((215..=225).contains(&ups), "{name}: {ups} crossings");
+                let rms = (mid.iter().map(|v| v * v).sum::<f32>() / mid.len() as f32).sqrt();
+                assert!((0.25..0.32).contains(&rms), "{name}: rms {rms}");
+            }
+        }
+    }
+
     #[test]
     fn bad_audio_is_a_clear_error() {
         assert!(decode(vec![], None).unwrap_err().contains("empty"));

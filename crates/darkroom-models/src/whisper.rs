@@ -604,12 +604,18 @@ pub(crate) mod tests {
 
     /// A tokenizer with Whisper's .en layout of special tokens (ordinary tokens are stand-ins).
     pub fn en_tokenizer() -> Tokenizer {
+        tokenizer(false)
+    }
+
+    /// The multilingual layout: one more ordinary token, 100 languages.
+    pub fn tokenizer(multilingual: bool) -> Tokenizer {
         let mut vocab = serde_json::Map::new();
-        for i in 0..50256u32 {
+        let ordinary = if multilingual { 50257u32 } else { 50256 };
+        for i in 0..ordinary {
             vocab.insert(format!("w{i}"), json!(i));
         }
         let mut specials = vec!["<|endoftext|>".to_string(), "<|startoftranscript|>".to_string()];
-        specials.extend(LANGUAGES.iter().take(99).map(|l| format!("<|{l}|>")));
+        specials.extend(LANGUAGES.iter().take(if multilingual { 100 } else { 99 }).map(|l| format!("<|{l}|>")));
         specials.extend(
             [
                 "<|translate|>",
@@ -628,7 +634,7 @@ pub(crate) mod tests {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                json!({"id": 50256 + i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                json!({"id": ordinary as usize + i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
                        "normalized": false, "special": true})
             })
             .collect();
@@ -692,6 +698,32 @@ pub(crate) mod tests {
         l[7] = 1.0;
         apply_rules(&mut l, &[50363, 5, 50383, 50383], &sp, 50);
         assert!(l[50363..].iter().all(|v| v.is_infinite()) && l[7].is_infinite() && l[8].is_finite());
+    }
+
+    /// A multilingual model: language detection, a given language, the translate task, unknown codes refused.
+    #[test]
+    fn a_tiny_multilingual_whisper_detects_and_translates() {
+        let mut cfg = tiny_config();
+        cfg.vocab_size = 51865 + 1; // 50257 ordinary + sot + 100 languages + 6 + 1501 timestamps
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let tok = tokenizer(true);
+        assert_eq!(tok.get_vocab_size(true), cfg.vocab_size);
+        let loaded = Loaded::new(&vb, tok, cfg, vec![220]).unwrap();
+        assert!(loaded.specials.multilingual && loaded.specials.languages.len() == 100);
+        assert_eq!(loaded.specials.ts_begin, 50365);
+        let pcm: Vec<f32> = (0..16_000 * 3).map(|i| (i as f32 * 0.05).sin() * 0.2).collect();
+        let run = |v: Value| {
+            let input: WhisperInput = serde_json::from_value(v).unwrap();
+            transcribe(&loaded, &pcm, &input, &|| false, &|_| {})
+        };
+        let detected = run(json!({"audio_url": "x"})).unwrap();
+        assert_eq!(detected.inferred_languages.len(), 1);
+        assert!(LANGUAGES.contains(&detected.inferred_languages[0].as_str()), "{:?}", detected.inferred_languages);
+        let de = run(json!({"audio_url": "x", "language": "de", "task": "translate"})).unwrap();
+        assert_eq!(de.inferred_languages, vec!["de".to_string()]);
+        let e = run(json!({"audio_url": "x", "language": "xx"})).unwrap_err();
+        assert!(matches!(e, ModelError::App { status: 422, ref body } if body["detail"][0]["loc"][1] == "language"));
     }
 
     #[test]

@@ -22,6 +22,19 @@ pub enum BenchCommand {
     /// Time Whisper (darkroom/whisper's code, in process) on audio files: load time, then per file the median wall
     /// time of --runs transcriptions after one warm-up, the real-time factor and the stage split; JSON lines.
     Stt(SttArgs),
+    /// Time Piper (darkroom/piper-tts's code, in process: espeak-ng, ONNX Runtime, WAV) on text files: setup time,
+    /// then per file the median wall time of --runs syntheses after one warm-up and the real-time factor; JSON lines.
+    Tts(TtsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TtsArgs {
+    /// Text files, one request each.
+    #[arg(required = true)]
+    files: Vec<std::path::PathBuf>,
+    /// Timed runs per file (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +152,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Load(a) => load(a).await,
         BenchCommand::Poll(a) => poll(a).await,
         BenchCommand::Stt(a) => stt(a).await,
+        BenchCommand::Tts(a) => tts(a).await,
     }
 }
 
@@ -176,6 +190,45 @@ async fn stt(a: SttArgs) -> anyhow::Result<()> {
             "{}",
             json!({"file": f.display().to_string(), "audio_s": dur, "median_s": median, "min_s": times[0],
                    "max_s": times[times.len() - 1], "rtf": median / dur, "text": text})
+        );
+    }
+    Ok(())
+}
+
+async fn tts(a: TtsArgs) -> anyhow::Result<()> {
+    use darkroom_models::Model;
+    let app = darkroom_models::piper::PiperTts::new();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    app.setup(&darkroom_models::SetupReporter(tx)).await.map_err(anyhow::Error::msg)?;
+    println!("{}", json!({"model": "piper-en_us-joe-medium", "setup_s": t.elapsed().as_secs_f64()}));
+    for f in &a.files {
+        let text = std::fs::read_to_string(f)?;
+        let mut times = vec![];
+        let mut duration = 0.0;
+        for i in 0..=a.runs {
+            let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
+            let ctx = darkroom_models::RunContext::new(
+                format!("bench-{i}"),
+                1,
+                String::new(),
+                tokio_util::sync::CancellationToken::new(),
+                etx,
+            )
+            .with_files(Arc::new(darkroom_models::InlineFiles), true);
+            let t = Instant::now();
+            let out = app.run(json!({"text": text}), ctx).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            duration = out["duration"].as_f64().unwrap_or(0.0);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "{}",
+            json!({"file": f.display().to_string(), "audio_s": duration, "median_s": median, "min_s": times[0],
+                   "max_s": times[times.len() - 1], "rtf": median / duration.max(1e-9)})
         );
     }
     Ok(())
