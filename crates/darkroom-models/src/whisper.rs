@@ -206,6 +206,88 @@ pub fn mel_filters(sr: f64, n_fft: usize, n_mels: usize) -> Vec<f32> {
     w
 }
 
+/// OpenAI's log-mel spectrogram: a centred STFT (reflect padding, periodic Hann window of `n_fft`, hop 160, the
+/// last frame dropped), power `|X|^2`, the mel filterbank, `log10` clamped to 8 below the maximum, then
+/// `(x + 4) / 4`. Returns `n_mels` rows of `len / 160` frames. FFTs on all cores; the filterbank as one matmul.
+pub fn log_mel(pcm: &[f32], filters: &[f32], n_mels: usize) -> Vec<f32> {
+    let n_fft = wm::N_FFT;
+    let hop = wm::HOP_LENGTH;
+    let n_freq = n_fft / 2 + 1;
+    let n_frames = pcm.len() / hop;
+    if n_frames == 0 {
+        return vec![];
+    }
+    let pad = n_fft / 2;
+    // Reflect padding: x[pad - i] before, x[len - 2 - i] after.
+    let at = |i: isize| -> f32 {
+        let n = pcm.len() as isize;
+        let j = if i < 0 {
+            -i
+        } else if i >= n {
+            2 * (n - 1) - i
+        } else {
+            i
+        };
+        pcm.get(j.clamp(0, n - 1) as usize).copied().unwrap_or(0.0)
+    };
+    let hann: Vec<f32> =
+        (0..n_fft).map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n_fft as f64).cos()) as f32).collect();
+    let fft = rustfft::FftPlanner::<f32>::new().plan_fft_forward(n_fft);
+    // power: n_freq rows × n_frames columns
+    let mut power = vec![0f32; n_freq * n_frames];
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+    let per = n_frames.div_ceil(threads);
+    let columns: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (fft, hann, at) = (fft.clone(), &hann, &at);
+                s.spawn(move || {
+                    let (lo, hi) = (t * per, ((t + 1) * per).min(n_frames));
+                    let mut out = vec![0f32; hi.saturating_sub(lo) * n_freq];
+                    let mut buf = vec![rustfft::num_complex::Complex32::new(0.0, 0.0); n_fft];
+                    let mut scratch =
+                        vec![rustfft::num_complex::Complex32::new(0.0, 0.0); fft.get_inplace_scratch_len()];
+                    for f in lo..hi {
+                        let start = (f * hop) as isize - pad as isize;
+                        for (k, b) in buf.iter_mut().enumerate() {
+                            *b = rustfft::num_complex::Complex32::new(at(start + k as isize) * hann[k], 0.0);
+                        }
+                        fft.process_with_scratch(&mut buf, &mut scratch);
+                        let row = &mut out[(f - lo) * n_freq..(f - lo + 1) * n_freq];
+                        for (k, r) in row.iter_mut().enumerate() {
+                            *r = buf[k].norm_sqr();
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("mel thread")).collect()
+    });
+    // Frame-major rows → freq-major matrix.
+    let mut f0 = 0;
+    for chunk in columns {
+        let frames = chunk.len() / n_freq;
+        for i in 0..frames {
+            for k in 0..n_freq {
+                power[k * n_frames + f0 + i] = chunk[i * n_freq + k];
+            }
+        }
+        f0 += frames;
+    }
+    let mel = Tensor::from_vec(filters.to_vec(), (n_mels, n_freq), &Device::Cpu)
+        .and_then(|f| f.matmul(&Tensor::from_vec(power, (n_freq, n_frames), &Device::Cpu)?))
+        .and_then(|m| m.flatten_all())
+        .and_then(|m| m.to_vec1::<f32>())
+        .unwrap_or_default();
+    let mut mel: Vec<f32> = mel.into_iter().map(|v| v.max(1e-10).log10()).collect();
+    let max = mel.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    for v in mel.iter_mut() {
+        *v = (v.max(max - 8.0) + 4.0) / 4.0;
+    }
+    mel
+}
+
 /// One decoded window: its tokens after the prompt.
 struct WindowTokens {
     tokens: Vec<u32>,
@@ -381,7 +463,7 @@ pub fn transcribe(
     let mut padded = pcm.to_vec();
     padded.extend(std::iter::repeat_n(0.0, wm::N_SAMPLES));
     let t_mel = std::time::Instant::now();
-    let mel = wm::audio::pcm_to_mel(&m.cfg, &padded, &m.filters);
+    let mel = log_mel(&padded, &m.filters, m.cfg.num_mel_bins);
     let mut timing = [t_mel.elapsed().as_secs_f64(), 0.0, 0.0];
     let n_mels = m.cfg.num_mel_bins;
     let total_frames = mel.len() / n_mels;
@@ -726,6 +808,41 @@ pub(crate) mod tests {
         assert!(matches!(e, ModelError::App { status: 422, ref body } if body["detail"][0]["loc"][1] == "language"));
     }
 
+    /// The FFT path against a direct DFT of the same centred, reflect-padded, Hann-windowed frames.
+    #[test]
+    fn log_mel_matches_a_direct_dft() {
+        let pcm: Vec<f32> = (0..4000).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.3).collect();
+        let filters = mel_filters(16000.0, 400, 80);
+        let got = log_mel(&pcm, &filters, 80);
+        let frames = pcm.len() / 160;
+        assert_eq!(got.len(), 80 * frames);
+        let at = |i: isize| pcm[(if i < 0 { -i } else if i >= 4000 { 2 * 3999 - i } else { i }) as usize] as f64;
+        let mut mel = vec![0f64; 80 * frames];
+        for f in 0..frames {
+            let mut power = [0f64; 201];
+            for (k, p) in power.iter_mut().enumerate() {
+                let (mut re, mut im) = (0.0, 0.0);
+                for n in 0..400 {
+                    let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * n as f64 / 400.0).cos();
+                    let x = at((f * 160) as isize - 200 + n as isize) * w;
+                    let a = -2.0 * std::f64::consts::PI * (k * n) as f64 / 400.0;
+                    re += x * a.cos();
+                    im += x * a.sin();
+                }
+                *p = re * re + im * im;
+            }
+            for m in 0..80 {
+                let v: f64 = (0..201).map(|k| filters[m * 201 + k] as f64 * power[k]).sum();
+                mel[m * frames + f] = v.max(1e-10).log10();
+            }
+        }
+        let max = mel.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        for (i, v) in mel.iter().enumerate() {
+            let want = (v.max(max - 8.0) + 4.0) / 4.0;
+            assert!((got[i] as f64 - want).abs() < 1e-3, "{i}: {} vs {want}", got[i]);
+        }
+    }
+
     #[test]
     fn segments_and_seek() {
         let tok = en_tokenizer();
@@ -1024,8 +1141,9 @@ pub(crate) mod cached {
                 x = (&x + l.fc2.forward(&l.fc1.forward(&h)?.gelu_erf()?)?)?;
             }
             st.len += n;
+            // (vocab, d) × (d, 1): the embedding is used as stored, never transposed into a copy.
             let last = self.ln.forward(&x.i((0, n - 1..n))?)?;
-            last.matmul(&self.embed.t()?)?.squeeze(0)?.to_vec1::<f32>()
+            self.embed.matmul(&last.t()?.contiguous()?)?.squeeze(1)?.to_vec1::<f32>()
         }
 
         /// Greedy argmax over a language subset, for detection.
