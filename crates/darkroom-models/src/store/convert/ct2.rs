@@ -38,17 +38,14 @@
 //! The K part of a fused bias is dropped: Hugging Face's `k_proj` has none (CTranslate2's converter stores zeros
 //! there, and a bias on the keys adds the same amount to every score of a query, which softmax ignores).
 //! Dtypes are kept (f16 stays F16). Quantized (int8/int16) weights are refused.
-//!
-//! This file also holds the writers the other converters share: [`write_safetensors`] and
-//! [`write_atomically`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 
-use super::ConvertError;
+use super::{ConvertError, write_atomically, write_safetensors};
 
 /// The newest `model.bin` layout this reader knows.
 const MAX_BINARY_VERSION: u32 = 6;
@@ -69,61 +66,6 @@ pub fn convert(model: &Path, config: &Path, output: &Path, output_config: &Path)
         serde_json::to_string_pretty(&hf_config).map_err(|e| ConvertError::format(output_config, e.to_string()))?;
     text.push('\n');
     write_atomically(output_config, |tmp| Ok(std::fs::write(tmp, text.as_bytes())?))
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Shared writers.
-
-/// Writes `tensors` as a safetensors file at `output`, through a temporary file next to it that is synced and then
-/// renamed into place. Tensor order in the file is fixed by the safetensors crate (dtype, then name) and no
-/// `__metadata__` is written, so the same tensors always give the same bytes. Duplicate names are refused.
-pub(super) fn write_safetensors(tensors: Vec<(String, TensorView<'_>)>, output: &Path) -> Result<(), ConvertError> {
-    let mut seen = HashSet::with_capacity(tensors.len());
-    for (name, _) in &tensors {
-        if !seen.insert(name.as_str()) {
-            return Err(ConvertError::format(output, format!("two tensors are named {name:?}")));
-        }
-    }
-    write_atomically(output, |tmp| {
-        safetensors::tensor::serialize_to_file(tensors, None, tmp).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(io) => ConvertError::Io(io),
-            other => ConvertError::format(output, format!("cannot write safetensors: {other}")),
-        })
-    })
-}
-
-/// Calls `write` with a temporary path next to `output` (`.{name}.partial`), syncs what it wrote and renames it to
-/// `output`. On failure the temporary file is removed and `output` is left as it was.
-pub(super) fn write_atomically(
-    output: &Path,
-    write: impl FnOnce(&Path) -> Result<(), ConvertError>,
-) -> Result<(), ConvertError> {
-    let name = output.file_name().ok_or_else(|| ConvertError::format(output, "the output path names no file"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".partial");
-    let tmp: PathBuf = output.with_file_name(tmp_name);
-    let result = (|| {
-        write(&tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, output)?;
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            // Make the rename itself durable; not every platform lets a directory be opened and synced.
-            if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty())
-                && let Ok(d) = std::fs::File::open(dir)
-            {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

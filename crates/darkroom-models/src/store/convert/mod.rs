@@ -100,3 +100,58 @@ impl Converter {
         }
     }
 }
+
+/// Writes `tensors` as a safetensors file at `output`, through a temporary file next to it that is synced and then
+/// renamed into place. Tensor order in the file is fixed by the safetensors crate (dtype, then name) and no
+/// `__metadata__` is written, so the same tensors always give the same bytes. Duplicate names are refused.
+pub(crate) fn write_safetensors(
+    tensors: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    output: &Path,
+) -> Result<(), ConvertError> {
+    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
+    for (name, _) in &tensors {
+        if !seen.insert(name.as_str()) {
+            return Err(ConvertError::format(output, format!("two tensors are named {name:?}")));
+        }
+    }
+    write_atomically(output, |tmp| {
+        safetensors::tensor::serialize_to_file(tensors, None, tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => ConvertError::Io(io),
+            other => ConvertError::format(output, format!("cannot write safetensors: {other}")),
+        })
+    })
+}
+
+/// Calls `write` with a temporary path next to `output` (`.{name}.partial`), syncs what it wrote and renames it to
+/// `output`. On failure the temporary file is removed and `output` is left as it was.
+pub(crate) fn write_atomically(
+    output: &Path,
+    write: impl FnOnce(&Path) -> Result<(), ConvertError>,
+) -> Result<(), ConvertError> {
+    let name = output.file_name().ok_or_else(|| ConvertError::format(output, "the output path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(".partial");
+    let tmp: std::path::PathBuf = output.with_file_name(tmp_name);
+    let result = (|| {
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, output)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            // Make the rename itself durable; not every platform lets a directory be opened and synced.
+            if let Some(dir) = output.parent().filter(|p| !p.as_os_str().is_empty())
+                && let Ok(d) = std::fs::File::open(dir)
+            {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}

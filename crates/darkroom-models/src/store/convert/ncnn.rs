@@ -26,7 +26,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::ConvertError;
-use super::ct2::write_safetensors;
+use super::write_safetensors;
 
 const MAGIC: &str = "7767517";
 const TAG_F16: u32 = 0x0130_6B47;

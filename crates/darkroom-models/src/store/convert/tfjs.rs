@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 
 use super::ConvertError;
-use super::ct2::write_safetensors;
+use super::write_safetensors;
 
 struct Weight {
     name: String,
