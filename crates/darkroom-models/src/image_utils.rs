@@ -153,12 +153,8 @@ pub struct ImageUtilsOutput {
 
 pub struct ImageUtils;
 
-/// A 422 in FastAPI's shape naming `field`.
 fn field_error(field: &str, msg: impl Into<String>) -> ModelError {
-    ModelError::App {
-        status: 422,
-        body: json!({"detail": [{"loc": ["body", field], "msg": msg.into(), "type": "value_error"}]}),
-    }
+    ModelError::field(field, msg)
 }
 
 fn check_dim(field: &str, v: Option<u32>) -> Result<(), ModelError> {

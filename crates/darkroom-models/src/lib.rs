@@ -118,6 +118,13 @@ impl ModelError {
     pub fn app(status: u16, message: impl Into<String>) -> Self {
         ModelError::App { status, body: json!({"detail": message.into()}) }
     }
+    /// A 422 in FastAPI's shape naming one input field (`["body", field]`).
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        ModelError::App {
+            status: 422,
+            body: json!({"detail": [{"loc": ["body", field], "msg": message.into(), "type": "value_error"}]}),
+        }
+    }
 }
 
 /// A built-in model.

@@ -620,12 +620,8 @@ fn to_pcm16(audio: &[f32], out: &mut Vec<i16>) {
 
 use crate::audio::wav_i16 as wav_bytes;
 
-/// A 422 in FastAPI's shape naming `field`.
 fn field_error(field: &str, msg: impl Into<String>) -> ModelError {
-    ModelError::App {
-        status: 422,
-        body: json!({"detail": [{"loc": ["body", field], "msg": msg.into(), "type": "value_error"}]}),
-    }
+    ModelError::field(field, msg)
 }
 
 fn check_speed(speed: f32) -> Result<(), ModelError> {

@@ -13,7 +13,7 @@ use candle_transformers::models::whisper::{self as wm, model::Whisper as Whisper
 use darkroom_core::app::AppSpec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::store::{ModelStore, builtin};
@@ -454,7 +454,7 @@ pub fn transcribe(
                 .iter()
                 .find(|(c, _)| c == l)
                 .map(|x| x.1)
-                .ok_or_else(|| field_error("language", &format!("unknown language code {l:?}")))?,
+                .ok_or_else(|| field_error("language", format!("unknown language code {l:?}")))?,
         ),
         _ => None,
     };
@@ -558,11 +558,8 @@ fn detect_language(m: &Loaded, features: &Tensor) -> Result<u32, String> {
     m.dec.first_logits_argmax(&mut st, sp.sot, &ids).map_err(infer_err)
 }
 
-fn field_error(field: &str, msg: &str) -> ModelError {
-    ModelError::App {
-        status: 422,
-        body: json!({"detail": [{"loc": ["body", field], "msg": msg, "type": "value_error"}]}),
-    }
+fn field_error(field: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::field(field, msg)
 }
 
 fn internal(msg: String) -> ModelError {
@@ -650,7 +647,7 @@ impl Model for WhisperApp {
     }
 
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
-        let input: WhisperInput = serde_json::from_value(input).map_err(|e| field_error("body", &e.to_string()))?;
+        let input: WhisperInput = serde_json::from_value(input).map_err(|e| field_error("body", e.to_string()))?;
         let model = self.model()?;
         ctx.progress(0.0, Some("fetching audio".into()));
         let fetched = ctx.fetch_input("audio_url", &input.audio_url).await?;
@@ -683,6 +680,7 @@ impl Model for WhisperApp {
 pub(crate) mod tests {
     use super::*;
     use candle_nn::VarMap;
+    use serde_json::json;
 
     /// A tokenizer with Whisper's .en layout of special tokens (ordinary tokens are stand-ins).
     pub fn en_tokenizer() -> Tokenizer {
@@ -915,6 +913,7 @@ pub(crate) mod tests {
 #[cfg(test)]
 mod golden {
     use super::*;
+    use serde_json::json;
 
     fn espeak(text: &str, out: &Path) -> bool {
         std::process::Command::new("espeak-ng")
