@@ -30,6 +30,39 @@ pub struct AppSpec {
     pub scaling: crate::scaling::ScalingKnobs,
     /// Whether the app emits partial outputs for `/stream`.
     pub streaming: bool,
+    /// What the catalog shows: category, tags, license, examples.
+    #[serde(default)]
+    pub catalog: CatalogInfo,
+    /// How a request is metered (the unit); prices are the operator's (see [`crate::billing`]).
+    #[serde(default)]
+    pub billing: crate::billing::Billing,
+}
+
+/// Catalog metadata of an app.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CatalogInfo {
+    /// fal's category names: `text-to-image`, `image-to-image`, `speech-to-text`, `text-to-speech`, `image-to-video`,
+    /// … (`utility` for apps that run no model, `test` for test apps).
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The license of the weights (SPDX id where there is one); None for apps without weights.
+    #[serde(default)]
+    pub license: Option<String>,
+    /// Example inputs, each for one endpoint path.
+    #[serde(default)]
+    pub examples: Vec<Example>,
+}
+
+/// An example input of an endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Example {
+    /// The endpoint path within the app (`""` is the root).
+    #[serde(default)]
+    pub path: String,
+    pub title: String,
+    pub input: Value,
 }
 
 /// An app with its input validator compiled once.
@@ -105,6 +138,8 @@ mod tests {
             output_schema: json!({}),
             scaling: Default::default(),
             streaming: false,
+            catalog: Default::default(),
+            billing: Default::default(),
         })
         .unwrap()
     }

@@ -148,6 +148,16 @@ pub struct NewJob {
     pub store_io: bool,
     pub boot_id: String,
     pub created_at: Millis,
+    /// The prices in force when the request was accepted: its usage line is costed with them.
+    pub prices: JobPrices,
+}
+
+/// What a request is billed by and at what prices, fixed when it is accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct JobPrices {
+    pub unit: crate::billing::BillingUnit,
+    pub unit_price: f64,
+    pub runner_second_price: f64,
 }
 
 /// A job as stored.
@@ -206,11 +216,18 @@ pub struct Outcome {
     pub error: Option<String>,
     pub error_type: Option<String>,
     pub inference_ms: Option<i64>,
+    /// Billable units the app reported (fal's `x-fal-billable-units`); None: the app's default.
+    pub units: Option<f64>,
 }
 
 impl Outcome {
     pub fn success(body: String, inference_ms: Option<i64>) -> Outcome {
-        Outcome { status: 200, body, error: None, error_type: None, inference_ms }
+        Outcome { status: 200, body, error: None, error_type: None, inference_ms, units: None }
+    }
+    /// With the billable units the app reported.
+    pub fn with_units(mut self, units: Option<f64>) -> Outcome {
+        self.units = units.filter(|u| u.is_finite() && *u >= 0.0);
+        self
     }
     /// A platform error (cancel, timeout, runner lost).
     pub fn platform(err: &ApiError) -> Outcome {
@@ -220,6 +237,7 @@ impl Outcome {
             error: Some(err.message.clone()),
             error_type: Some(err.error_type.as_str().to_string()),
             inference_ms: None,
+            units: None,
         }
     }
     pub fn cancelled() -> Outcome {

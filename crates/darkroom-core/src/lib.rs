@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod error;
 pub mod ids;
 pub mod job;

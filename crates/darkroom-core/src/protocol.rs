@@ -69,6 +69,9 @@ pub enum RunnerFrame {
         error_type: Option<String>,
         #[serde(default)]
         inference_ms: Option<i64>,
+        /// Billable units of a success, as the app reported them (None: the app's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        units: Option<f64>,
     },
 }
 
@@ -115,6 +118,7 @@ mod tests {
             body: serde_json::json!({"a": 1}),
             error_type: None,
             inference_ms: Some(5),
+            units: Some(2.5),
         };
         let s = serde_json::to_string(&f).unwrap();
         assert!(s.contains("\"type\":\"complete\""));

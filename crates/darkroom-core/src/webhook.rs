@@ -375,6 +375,7 @@ mod tests {
             error: Some("x".into()),
             error_type: Some("app_error".into()),
             inference_ms: None,
+            units: None,
         };
         let e: Value = serde_json::from_str(&payload("r", &app)).unwrap();
         assert_eq!(e["status"], "ERROR");

@@ -764,7 +764,7 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                 refused(gw, runner_id, &job_id, token, "stale token");
             }
         }
-        RunnerFrame::Complete { job_id, token, status, body, error_type, inference_ms } => {
+        RunnerFrame::Complete { job_id, token, status, body, error_type, inference_ms, units } => {
             // The slot is free whatever happens next; only the holder of this attempt may complete it.
             let held = {
                 let mut m = gw.hub.runners.lock().unwrap();
@@ -795,7 +795,8 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                     }
                 };
             let result = if status == 200 {
-                complete_with_retry(gw, &job_id, token, &Outcome::success(body_s, inference_ms), now).await
+                complete_with_retry(gw, &job_id, token, &Outcome::success(body_s, inference_ms).with_units(units), now)
+                    .await
             } else {
                 let message = match body.get("detail") {
                     Some(Value::String(s)) => s.clone(),
@@ -807,6 +808,7 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
                     error: Some(message),
                     error_type: Some(error_type.unwrap_or_else(|| "app_error".into())),
                     inference_ms,
+                    units: None,
                 };
                 if status == 503 || status == 504 {
                     // fal's queue retries 503 and 504 (unless x-fal-no-retry).

@@ -25,6 +25,8 @@ pub enum ModelEvent {
     Log { level: String, message: String },
     Progress { fraction: f64, message: Option<String> },
     Partial(Value),
+    /// How many units of its billing unit the request used (the last report wins).
+    BillableUnits(f64),
 }
 
 /// Everything a model needs from its surroundings for one request.
@@ -102,6 +104,13 @@ impl RunContext {
     }
     pub fn partial(&self, data: Value) {
         let _ = self.events.send(ModelEvent::Partial(data));
+    }
+    /// Reports the billable units of this request in the app's billing unit (images, megapixels, audio seconds…),
+    /// as fal apps do with `x-fal-billable-units`. Without a report a success bills the app's default.
+    pub fn bill(&self, units: f64) {
+        if units.is_finite() && units >= 0.0 {
+            let _ = self.events.send(ModelEvent::BillableUnits(units));
+        }
     }
 }
 

@@ -314,7 +314,7 @@ async fn connect_and_serve(
                         let _ = out_tx.send(RunnerFrame::Complete {
                             job_id, token, status: 503,
                             body: json!({"detail": "The runner is draining", "error_type": "runner_disconnected"}),
-                            error_type: Some("runner_disconnected".into()), inference_ms: None,
+                            error_type: Some("runner_disconnected".into()), inference_ms: None, units: None,
                         });
                     }
                     GatewayFrame::Assign { job_id, token, attempt, path, input, inline_outputs, upload_token, .. } => {
@@ -389,8 +389,13 @@ async fn execute(model: Arc<dyn Model>, job: Job, cancel: CancellationToken, out
         let out = out.clone();
         let job_id = job_id.clone();
         tokio::spawn(async move {
+            let mut units = None;
             while let Some(ev) = ev_rx.recv().await {
                 let frame = match ev {
+                    ModelEvent::BillableUnits(u) => {
+                        units = Some(u);
+                        continue;
+                    }
                     ModelEvent::Log { level, message } => RunnerFrame::Log {
                         job_id: job_id.clone(),
                         token,
@@ -405,6 +410,7 @@ async fn execute(model: Arc<dyn Model>, job: Job, cancel: CancellationToken, out
                 };
                 let _ = out.send(frame);
             }
+            units
         })
     };
     let started = std::time::Instant::now();
@@ -418,9 +424,9 @@ async fn execute(model: Arc<dyn Model>, job: Job, cancel: CancellationToken, out
     };
     let inference_ms = Some(started.elapsed().as_millis() as i64);
     // Every event the model sent goes out before the completion.
-    let _ = fwd.await;
+    let units = fwd.await.unwrap_or(None);
     let frame = match res {
-        Ok(body) => RunnerFrame::Complete { job_id, token, status: 200, body, error_type: None, inference_ms },
+        Ok(body) => RunnerFrame::Complete { job_id, token, status: 200, body, error_type: None, inference_ms, units },
         Err(ModelError::Cancelled) => RunnerFrame::Complete {
             job_id,
             token,
@@ -428,9 +434,10 @@ async fn execute(model: Arc<dyn Model>, job: Job, cancel: CancellationToken, out
             body: json!({"detail": "Request was cancelled", "error_type": "request_cancelled"}),
             error_type: Some("request_cancelled".into()),
             inference_ms,
+            units: None,
         },
         Err(ModelError::App { status, body }) => {
-            RunnerFrame::Complete { job_id, token, status, body, error_type: None, inference_ms }
+            RunnerFrame::Complete { job_id, token, status, body, error_type: None, inference_ms, units: None }
         }
     };
     let _ = out.send(frame);

@@ -29,6 +29,7 @@ pub fn job(id: &str, app: &str) -> NewJob {
         store_io: true,
         boot_id: "boot-1".into(),
         created_at: 1_000,
+        prices: Default::default(),
     }
 }
 
@@ -43,6 +44,7 @@ fn err_outcome() -> Outcome {
         error: Some("boom".into()),
         error_type: Some("app_error".into()),
         inference_ms: None,
+        units: None,
     }
 }
 
@@ -555,6 +557,107 @@ pub async fn files_are_recorded_listed_finished_and_expired(s: &dyn Store) {
 }
 
 /// Many concurrent claimers: every job is claimed exactly once.
+pub async fn usage_lines_are_written_with_the_completion(s: &dyn Store) {
+    use darkroom_core::billing::BillingUnit;
+    use darkroom_core::job::JobPrices;
+    let priced = |id: &str, unit: BillingUnit, unit_price: f64, sec: f64| NewJob {
+        prices: JobPrices { unit, unit_price, runner_second_price: sec },
+        ..job(id, "app")
+    };
+    // A success with reported units, runner time and a cold start.
+    s.enqueue(&priced("img", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.claim("img", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    assert!(s.set_cold_start("img", 1, 1_500).await.unwrap());
+    let done = Outcome::success("{}".into(), Some(1)).with_units(Some(3.0));
+    assert_eq!(s.complete("img", 1, &done, 4_000).await.unwrap(), CompleteResult::Applied);
+    assert_eq!(s.complete("img", 1, &done, 4_500).await.unwrap(), CompleteResult::Stale);
+    // A per-request app that reports nothing: one unit.
+    s.enqueue(&NewJob { owner_id: "owner-b".into(), ..priced("req", BillingUnit::Request, 0.5, 0.0) }).await.unwrap();
+    s.claim("req", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    s.complete("req", 1, &ok_outcome(), 2_100).await.unwrap();
+    // The app's own 4xx: no units, but the runner time.
+    s.enqueue(&priced("bad", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.claim("bad", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    let bad = Outcome { status: 422, ..err_outcome() }.with_units(Some(9.0));
+    s.complete("bad", 1, &bad, 3_000).await.unwrap();
+    // 5xx failures are not billed, wherever they end.
+    s.enqueue(&priced("boom", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.claim("boom", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    s.complete("boom", 1, &err_outcome(), 3_000).await.unwrap();
+    s.enqueue(&NewJob { start_deadline: Some(5), ..priced("late", BillingUnit::Request, 1.0, 0.0) }).await.unwrap();
+    assert_eq!(s.expire_start_deadlines(6).await.unwrap(), vec!["late".to_string()]);
+    s.enqueue(&NewJob { max_attempts: 1, ..priced("lost", BillingUnit::Request, 1.0, 0.0) }).await.unwrap();
+    s.claim("lost", "r9", 100_000, 2_000).await.unwrap().unwrap();
+    s.release_runner("r9", 3_000).await.unwrap();
+    // Cancellations: queued (nothing used) and running (its runner time).
+    s.enqueue(&priced("cq", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.cancel("cq", 2_500).await.unwrap();
+    s.enqueue(&priced("cr", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.claim("cr", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    s.cancel("cr", 3_000).await.unwrap();
+    // A retried request is billed once, for the attempt that finished it.
+    s.enqueue(&priced("retry", BillingUnit::Image, 0.01, 0.001)).await.unwrap();
+    s.claim("retry", "r1", 100_000, 2_000).await.unwrap().unwrap();
+    let busy = Outcome { status: 503, ..err_outcome() };
+    assert_eq!(s.fail_attempt("retry", 1, &busy, 2_500).await.unwrap(), AttemptResult::Requeued);
+    s.claim("retry", "r2", 100_000, 3_000).await.unwrap().unwrap();
+    s.complete("retry", 2, &Outcome::success("{}".into(), None).with_units(Some(1.0)), 3_200).await.unwrap();
+
+    let all = s.list_usage(&UsageFilter { limit: 100, ..Default::default() }).await.unwrap();
+    let by_job = |id: &str| all.iter().filter(|l| l.job_id == id).cloned().collect::<Vec<_>>();
+    let mut jobs: Vec<_> = all.iter().map(|l| l.job_id.clone()).collect();
+    jobs.sort();
+    assert_eq!(jobs, ["bad", "cq", "cr", "img", "req", "retry"], "one line per finished request, none for 5xx");
+    let img = &by_job("img")[0];
+    assert_eq!((img.status, img.unit.as_str(), img.units, img.runner_ms), (200, "image", 3.0, 2_000));
+    assert_eq!(img.cold_start_ms, Some(1_500));
+    assert_eq!(img.cost_nanos, 32_000_000, "3 images at 0.01 and 2 runner-seconds at 0.001");
+    assert_eq!((img.owner_id.as_str(), img.key_id.as_str(), img.app_id.as_str()), ("owner-a", "key-a", "app"));
+    let req = &by_job("req")[0];
+    assert_eq!((req.units, req.cost_nanos), (1.0, 500_000_000));
+    let bad = &by_job("bad")[0];
+    assert_eq!((bad.status, bad.units, bad.runner_ms, bad.cost_nanos), (422, 0.0, 1_000, 1_000_000));
+    let cq = &by_job("cq")[0];
+    assert_eq!((cq.status, cq.units, cq.runner_ms, cq.cost_nanos), (499, 0.0, 0, 0));
+    let cr = &by_job("cr")[0];
+    assert_eq!((cr.status, cr.runner_ms, cr.cost_nanos), (499, 1_000, 1_000_000));
+    let retry = &by_job("retry")[0];
+    assert_eq!((retry.units, retry.runner_ms, retry.cost_nanos), (1.0, 200, 10_200_000));
+
+    // Filters, paging, sums.
+    let b = UsageFilter { owner_id: Some("owner-b".into()), limit: 100, ..Default::default() };
+    assert_eq!(s.list_usage(&b).await.unwrap().len(), 1);
+    let page = s.list_usage(&UsageFilter { limit: 2, ..Default::default() }).await.unwrap();
+    let next = UsageFilter { limit: 100, before: Some(page[1].id.clone()), ..Default::default() };
+    assert_eq!(s.list_usage(&next).await.unwrap().len(), 4);
+    let sums = s.summarize_usage(&UsageFilter::default(), None, &[UsageGroup::Owner]).await.unwrap();
+    let a_image = sums.iter().find(|r| r.owner_id.as_deref() == Some("owner-a") && r.unit == "image").unwrap();
+    assert_eq!(a_image.requests, 5);
+    assert_eq!(a_image.units, 4.0);
+    assert_eq!(a_image.cold_starts, 1);
+    assert_eq!(a_image.cost_nanos, 32_000_000 + 1_000_000 + 1_000_000 + 10_200_000);
+    let buckets = s.summarize_usage(&UsageFilter::default(), Some(1_000), &[UsageGroup::App]).await.unwrap();
+    assert!(buckets.iter().all(|r| r.app_id.as_deref() == Some("app") && r.bucket.unwrap() % 1_000 == 0));
+    assert_eq!(buckets.iter().map(|r| r.requests).sum::<i64>(), 6);
+    let window = UsageFilter { since: Some(3_000), until: Some(3_500), ..Default::default() };
+    let w = s.summarize_usage(&window, None, &[]).await.unwrap();
+    assert_eq!(w.iter().map(|r| r.requests).sum::<i64>(), 3, "bad, cr at 3000 and retry at 3200; boom and lost unbilled");
+    assert_eq!(s.owner_spend("owner-a", 0).await.unwrap(), a_image.cost_nanos);
+    assert_eq!(s.owner_spend("owner-a", 3_500).await.unwrap(), 32_000_000);
+    assert_eq!(s.owner_spend("nobody", 0).await.unwrap(), 0);
+
+    // Budgets.
+    let budget = Budget { owner_id: "owner-a".into(), limit_nanos: 5, period: "day".into(), updated_at: 1 };
+    s.set_budget(&budget).await.unwrap();
+    s.set_budget(&Budget { limit_nanos: 7, period: "month".into(), ..budget.clone() }).await.unwrap();
+    s.set_budget(&Budget { owner_id: "owner-b".into(), ..budget.clone() }).await.unwrap();
+    let mine = s.list_budgets(Some("owner-a")).await.unwrap();
+    assert_eq!((mine.len(), mine[0].limit_nanos, mine[0].period.as_str()), (1, 7, "month"));
+    assert_eq!(s.list_budgets(None).await.unwrap().len(), 2);
+    assert!(s.delete_budget("owner-b").await.unwrap());
+    assert!(!s.delete_budget("owner-b").await.unwrap());
+}
+
 pub async fn concurrent_claims_are_exclusive(s: Arc<dyn Store>) {
     for i in 0..60 {
         s.enqueue(&job(&format!("j{i:03}"), "app")).await.unwrap();
@@ -678,7 +781,8 @@ macro_rules! conformance_tests {
             a_new_boot_releases_webhook_leases, signing_keys_rotate, idempotency_keys_return_the_first_request,
             payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
             settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired,
-            scaling_overrides_and_cold_starts_are_kept, batched_claims_and_claim_at_submit);
+            scaling_overrides_and_cold_starts_are_kept, batched_claims_and_claim_at_submit,
+            usage_lines_are_written_with_the_completion);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -20,9 +20,11 @@ pub mod migrate;
 pub mod pg;
 pub mod sqlite;
 pub mod testing;
+pub mod usage;
 mod writer;
 
 pub use index::JobBrief;
+pub use usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -475,4 +477,22 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_file(&self, id: &str) -> StoreResult<bool>;
     /// Files past their expiry, and uploads still pending since before `pending_before`, oldest first.
     async fn expired_files(&self, now: Millis, pending_before: Millis, limit: i64) -> StoreResult<Vec<FileRecord>>;
+
+    /// Usage lines, newest first.
+    async fn list_usage(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageLine>>;
+    /// Usage summed per time bucket (`bucket_ms`; None: one bucket for the whole range) and per group, oldest
+    /// bucket first.
+    async fn summarize_usage(
+        &self,
+        filter: &UsageFilter,
+        bucket_ms: Option<i64>,
+        groups: &[UsageGroup],
+    ) -> StoreResult<Vec<UsageBucket>>;
+    /// What an owner spent since a time, in nano-units of currency.
+    async fn owner_spend(&self, owner_id: &str, since: Millis) -> StoreResult<i64>;
+    /// Sets (replaces) an owner's budget.
+    async fn set_budget(&self, budget: &Budget) -> StoreResult<()>;
+    /// False if the owner had none.
+    async fn delete_budget(&self, owner_id: &str) -> StoreResult<bool>;
+    async fn list_budgets(&self, owner_id: Option<&str>) -> StoreResult<Vec<Budget>>;
 }

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::broadcast;
 
+use crate::usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 use crate::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -94,7 +95,32 @@ async fn write_outcome(
     .execute(&mut *c)
     .await?;
     ev.push(StoreEvent::Finished { job_id: job_id.into() });
-    enqueue_webhook_in(c, job_id, o, now).await
+    enqueue_webhook_in(&mut *c, job_id, o, now).await?;
+    record_usage_in(c, job_id, o, now).await
+}
+
+/// The usage line, in the same transaction as the completion (none for a 5xx).
+async fn record_usage_in(c: &mut PgConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM jobs WHERE id = $1",
+        crate::usage::BILLING_COLUMNS
+    )))
+    .bind(job_id)
+    .fetch_optional(&mut *c)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let b = crate::usage::billing_row!(&row);
+    if let Some(line) = crate::usage::line_for(job_id, b, o, now) {
+        crate::usage::insert_line!(
+            sqlx::AssertSqlSafe(format!(
+                "INSERT INTO usage_lines ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                crate::usage::LINE_COLUMNS
+            )),
+            &line,
+            &mut *c
+        );
+    }
+    Ok(())
 }
 
 /// The outbox: in the same transaction as the completion, a delivery row for a request that asked for a webhook.
@@ -218,7 +244,8 @@ async fn insert_job_in(c: &mut PgConnection, ev: &mut Events, j: &NewJob) -> Sto
     let res = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
          no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
-         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         created_at, bill_unit, unit_price, runner_second_price) VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, \
+         $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
          RETURNING {JOB_COLUMNS}"
     )))
     .bind(&j.id)
@@ -239,6 +266,9 @@ async fn insert_job_in(c: &mut PgConnection, ev: &mut Events, j: &NewJob) -> Sto
     .bind(j.store_io)
     .bind(&j.boot_id)
     .bind(j.created_at)
+    .bind(j.prices.unit.as_str())
+    .bind(j.prices.unit_price)
+    .bind(j.prices.runner_second_price)
     .fetch_one(&mut *c)
     .await;
     let row = match res {
@@ -764,6 +794,7 @@ impl Store for PgStore {
         .rows_affected();
         if n == 1 {
             enqueue_webhook_in(&mut tx, job_id, o, now).await?;
+            record_usage_in(&mut tx, job_id, o, now).await?;
             ev.push(StoreEvent::Finished { job_id: job_id.into() });
         }
         self.commit(tx, ev).await?;
@@ -1226,5 +1257,84 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| file_from_row!(r)).collect()
+    }
+
+    async fn list_usage(&self, f: &UsageFilter) -> StoreResult<Vec<UsageLine>> {
+        let (sql, args) = crate::usage::list_sql(crate::usage::Dialect::Postgres, f);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                crate::usage::Arg::S(v) => q.bind(v),
+                crate::usage::Arg::I(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(crate::usage::line_from_row!(r))).collect()
+    }
+
+    async fn summarize_usage(
+        &self,
+        f: &UsageFilter,
+        bucket_ms: Option<i64>,
+        groups: &[UsageGroup],
+    ) -> StoreResult<Vec<UsageBucket>> {
+        let (sql, args) = crate::usage::summary_sql(crate::usage::Dialect::Postgres, f, bucket_ms, groups);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                crate::usage::Arg::S(v) => q.bind(v),
+                crate::usage::Arg::I(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok(crate::usage::bucket_from_row!(r, bucket_ms.is_some(), groups))).collect()
+    }
+
+    async fn owner_spend(&self, owner_id: &str, since: Millis) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS spent FROM usage_lines \
+             WHERE owner_id = $1 AND created_at >= $2",
+        )
+        .bind(owner_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("spent")?)
+    }
+
+    async fn set_budget(&self, b: &Budget) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO budgets (owner_id, limit_nanos, period, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (owner_id) DO UPDATE SET limit_nanos = excluded.limit_nanos, period = excluded.period, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&b.owner_id)
+        .bind(b.limit_nanos)
+        .bind(&b.period)
+        .bind(b.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_budget(&self, owner_id: &str) -> StoreResult<bool> {
+        let n = sqlx::query("DELETE FROM budgets WHERE owner_id = $1")
+            .bind(owner_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn list_budgets(&self, owner_id: Option<&str>) -> StoreResult<Vec<Budget>> {
+        let rows = sqlx::query(
+            "SELECT owner_id, limit_nanos, period, updated_at FROM budgets \
+             WHERE $1 IS NULL OR owner_id = $1 ORDER BY owner_id",
+        )
+        .bind(owner_id)
+        .bind(owner_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(crate::usage::budget_from_row!(r))).collect()
     }
 }

@@ -10,6 +10,7 @@ use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
 
+use crate::usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 use crate::index::{Index, JobBrief};
 use crate::writer::Writer;
 use crate::*;
@@ -79,7 +80,32 @@ async fn write_outcome(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now:
     .bind(job_id)
     .execute(&mut *c)
     .await?;
-    enqueue_webhook_in(c, job_id, o, now).await
+    enqueue_webhook_in(&mut *c, job_id, o, now).await?;
+    record_usage_in(c, job_id, o, now).await
+}
+
+/// The usage line, in the same transaction as the completion (none for a 5xx).
+async fn record_usage_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM jobs WHERE id = ?",
+        crate::usage::BILLING_COLUMNS
+    )))
+    .bind(job_id)
+    .fetch_optional(&mut *c)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let b = crate::usage::billing_row!(&row);
+    if let Some(line) = crate::usage::line_for(job_id, b, o, now) {
+        crate::usage::insert_line!(
+            sqlx::AssertSqlSafe(format!(
+                "INSERT INTO usage_lines ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                crate::usage::LINE_COLUMNS
+            )),
+            &line,
+            &mut *c
+        );
+    }
+    Ok(())
 }
 
 /// The outbox: in the same transaction as the completion, a delivery row for a request that asked for a webhook.
@@ -173,7 +199,8 @@ async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<Job
     let res = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
          no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
-         created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+         created_at, bill_unit, unit_price, runner_second_price) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
     )))
     .bind(&j.id)
     .bind(&j.app_id)
@@ -193,6 +220,9 @@ async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<Job
     .bind(j.store_io)
     .bind(&j.boot_id)
     .bind(j.created_at)
+    .bind(j.prices.unit.as_str())
+    .bind(j.prices.unit_price)
+    .bind(j.prices.runner_second_price)
     .fetch_one(&mut *tx)
     .await;
     let row = match res {
@@ -879,6 +909,7 @@ impl Store for SqliteStore {
             .rows_affected();
                         if n == 1 {
                             enqueue_webhook_in(&mut *tx, job_id, o, now).await?;
+                            record_usage_in(&mut *tx, job_id, o, now).await?;
                         }
                         Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
                     })
@@ -1513,5 +1544,104 @@ impl Store for SqliteStore {
                 |_, _| {},
             )
             .await
+    }
+
+    async fn list_usage(&self, f: &UsageFilter) -> StoreResult<Vec<UsageLine>> {
+        let (sql, args) = crate::usage::list_sql(crate::usage::Dialect::Sqlite, f);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                crate::usage::Arg::S(v) => q.bind(v),
+                crate::usage::Arg::I(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(&self.reader).await?;
+        rows.iter().map(|r| Ok(crate::usage::line_from_row!(r))).collect()
+    }
+
+    async fn summarize_usage(
+        &self,
+        f: &UsageFilter,
+        bucket_ms: Option<i64>,
+        groups: &[UsageGroup],
+    ) -> StoreResult<Vec<UsageBucket>> {
+        let (sql, args) = crate::usage::summary_sql(crate::usage::Dialect::Sqlite, f, bucket_ms, groups);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                crate::usage::Arg::S(v) => q.bind(v),
+                crate::usage::Arg::I(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(&self.reader).await?;
+        rows.iter().map(|r| Ok(crate::usage::bucket_from_row!(r, bucket_ms.is_some(), groups))).collect()
+    }
+
+    async fn owner_spend(&self, owner_id: &str, since: Millis) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS spent FROM usage_lines \
+             WHERE owner_id = ? AND created_at >= ?",
+        )
+        .bind(owner_id)
+        .bind(since)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(row.try_get("spent")?)
+    }
+
+    async fn set_budget(&self, b: &Budget) -> StoreResult<()> {
+        let b = b.clone();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO budgets (owner_id, limit_nanos, period, updated_at) VALUES (?, ?, ?, ?) \
+                             ON CONFLICT (owner_id) DO UPDATE SET limit_nanos = excluded.limit_nanos, \
+                             period = excluded.period, updated_at = excluded.updated_at",
+                        )
+                        .bind(&b.owner_id)
+                        .bind(b.limit_nanos)
+                        .bind(&b.period)
+                        .bind(b.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
+
+    async fn delete_budget(&self, owner_id: &str) -> StoreResult<bool> {
+        let owner_id = owner_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let n = sqlx::query("DELETE FROM budgets WHERE owner_id = ?")
+                            .bind(&owner_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
+
+    async fn list_budgets(&self, owner_id: Option<&str>) -> StoreResult<Vec<Budget>> {
+        let rows = sqlx::query(
+            "SELECT owner_id, limit_nanos, period, updated_at FROM budgets \
+             WHERE ? IS NULL OR owner_id = ? ORDER BY owner_id",
+        )
+        .bind(owner_id)
+        .bind(owner_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok(crate::usage::budget_from_row!(r))).collect()
     }
 }

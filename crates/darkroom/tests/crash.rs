@@ -165,6 +165,7 @@ async fn late_completion_scenario(args: &[&str], env: &[(&str, &str)]) {
         body: json!({"from": "stale"}),
         error_type: None,
         inference_ms: None,
+        units: None,
     };
     b_tx.send(Message::text(serde_json::to_string(&late).unwrap())).await.unwrap();
     match next_frame(&mut b_rx).await {
@@ -179,6 +180,7 @@ async fn late_completion_scenario(args: &[&str], env: &[(&str, &str)]) {
         body: json!({"from": "current"}),
         error_type: None,
         inference_ms: Some(3),
+        units: None,
     };
     b_tx.send(Message::text(serde_json::to_string(&good).unwrap())).await.unwrap();
     let (code, out) = s.result(&id).await;
