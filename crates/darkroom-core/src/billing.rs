@@ -77,7 +77,9 @@ impl Billing {
                 None | Some(Value::Null) => Some(*default),
                 Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0),
             },
-            UnitEstimate::Length { field } => input.get(field).and_then(|v| v.as_str()).map(|s| s.chars().count() as f64),
+            UnitEstimate::Length { field } => {
+                input.get(field).and_then(|v| v.as_str()).map(|s| s.chars().count() as f64)
+            }
             UnitEstimate::Unknown => None,
         }
     }

@@ -96,6 +96,9 @@ catalog! {
     ConcurrencyLimit = (429, "concurrency_limit"),
     /// The key sends requests faster than its rate limit; retry after `Retry-After`.
     RateLimited = (429, "rate_limited"),
+    /// The owner's budget for the current period is spent; retry after `Retry-After` (the period's end), or ask an
+    /// admin to raise it.
+    BudgetExhausted = (429, "budget_exhausted"),
     /// This `Idempotency-Key` was already used, within its window, for a different request.
     IdempotencyKeyReused = (422, "idempotency_key_reused"),
     /// The operation conflicts with the current state.

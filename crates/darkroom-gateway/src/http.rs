@@ -171,6 +171,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(crate::admin::router())
         .merge(crate::webhooks::router())
         .merge(crate::files::router())
+        .merge(crate::catalog::router())
+        .merge(crate::billing::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(gw.cfg.body_limit))

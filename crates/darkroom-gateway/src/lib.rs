@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 pub mod admin;
 pub mod auth;
+pub mod billing;
+pub mod catalog;
 pub mod cluster;
 pub mod error;
 pub mod files;
@@ -91,6 +93,8 @@ pub struct GatewayConfig {
     pub files_expire_after: Option<Duration>,
     /// Forget every app's run-time scaling changes at start (a redeploy keeps them otherwise).
     pub reset_scale: bool,
+    /// What each app costs (the operator's price book).
+    pub prices: darkroom_core::billing::PriceBook,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -136,6 +140,7 @@ impl Default for GatewayConfig {
             file_url_ttl: Duration::from_secs(7 * 24 * 3600),
             files_expire_after: Some(Duration::from_secs(30 * 24 * 3600)),
             reset_scale: false,
+            prices: Default::default(),
         }
     }
 }
@@ -153,6 +158,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub boot_id: String,
+    /// When this gateway started.
+    pub started_at: Millis,
     pub apps: HashMap<String, Arc<CompiledApp>>,
     pub hub: hub::Hub,
     /// Scaling knobs, local runner processes, the autoscaler.
@@ -185,6 +192,8 @@ pub struct Gateway {
     /// Where files live, and the key their URLs are signed with.
     pub storage: darkroom_storage::Storage,
     pub signer: darkroom_storage::Signer,
+    /// Owners' budgets, read through a short cache.
+    pub budgets: billing::BudgetCache,
     pub(crate) router: OnceLock<Router>,
 }
 
@@ -245,6 +254,7 @@ impl Gateway {
             store,
             clock,
             boot_id,
+            started_at: now,
             apps: compiled,
             hub: hub::Hub::default(),
             fleet: fleet::Fleet::default(),
@@ -262,6 +272,7 @@ impl Gateway {
             relays: Mutex::new(HashMap::new()),
             cluster_token,
             cluster_http,
+            budgets: Default::default(),
             router: OnceLock::new(),
         });
         webhooks::load_keys(&gw).await?;
@@ -300,6 +311,11 @@ impl Gateway {
         } else {
             Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
         }
+    }
+
+    /// When this gateway started, as RFC 3339.
+    pub fn boot_started_iso(&self) -> String {
+        darkroom_core::iso8601(self.started_at)
     }
 
     pub fn now(&self) -> Millis {

@@ -60,9 +60,15 @@ fn error_schemas() -> Value {
 
 /// `/{owner}/{alias}/openapi.json`.
 pub fn app_openapi(gw: &Gateway, app: &AppRef) -> ApiResult<Response> {
-    let Some(a) = gw.apps.get(&app.id()) else {
-        return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.id())));
-    };
+    match app_openapi_doc(gw, &app.id()) {
+        Some(doc) => Ok(json_response(StatusCode::OK, &doc, None)),
+        None => Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.id()))),
+    }
+}
+
+/// An app's OpenAPI document; None for an unknown app.
+pub fn app_openapi_doc(gw: &Gateway, app_id: &str) -> Option<Value> {
+    let a = gw.apps.get(app_id)?;
     let mut defs = Map::new();
     let input = hoist(&a.spec.input_schema, &mut defs);
     let output = hoist(&a.spec.output_schema, &mut defs);
@@ -93,7 +99,7 @@ pub fn app_openapi(gw: &Gateway, app: &AppRef) -> ApiResult<Response> {
         "paths": paths,
         "components": {"schemas": defs},
     });
-    Ok(json_response(StatusCode::OK, &doc, None))
+    Some(doc)
 }
 
 pub async fn root_app_openapi(

@@ -160,6 +160,7 @@ pub async fn enqueue_request_with(
         store_io,
         boot_id: gw.boot_id.clone(),
         created_at: now,
+        prices: crate::billing::job_prices(gw, &compiled.spec),
     };
     // Per-key limits: rate, then requests queued or running.
     if let Err(wait) = gw.take_rate_token(&caller.key_id) {
@@ -177,6 +178,7 @@ pub async fn enqueue_request_with(
         e.retry_after = Some(1);
         return Err(ApiErr(e));
     }
+    crate::billing::check_budget(gw, &caller.owner_id, now).await?;
     // Backpressure: the app's queue length, as fal's `fal_max_queue_length` or the server's limit.
     let limit = match query_param(query, "fal_max_queue_length") {
         Some(v) => match v.parse::<i64>() {

@@ -38,6 +38,10 @@ pub struct DiagnosticsInput {
     /// Report when the runner started the request (`started_unix_us`), for measuring queue overhead.
     #[serde(default)]
     pub timing: bool,
+    /// Bill this many units instead of one request (exercises metering).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub bill_units: Option<f64>,
 }
 
 /// A failure to produce.
@@ -78,7 +82,7 @@ async fn sleep_or_cancel(ctx: &RunContext, ms: u64) -> Result<(), ModelError> {
 #[async_trait]
 impl Model for Diagnostics {
     fn spec(&self) -> AppSpec {
-        builtin_spec::<DiagnosticsInput, DiagnosticsOutput>(
+        let spec = builtin_spec::<DiagnosticsInput, DiagnosticsOutput>(
             APP_ID,
             "Diagnostics (test app)",
             "Built-in test app: echoes its input, sleeps, logs, fails on request and streams partial outputs. \
@@ -93,6 +97,17 @@ impl Model for Diagnostics {
                 ..Default::default()
             },
             true,
+        );
+        crate::with_catalog(
+            spec,
+            "test",
+            &["diagnostics", "echo", "test"],
+            None,
+            vec![("Echo a value", json!({"echo": {"hello": "world"}})), ("Stream three parts", json!({"parts": 3}))],
+            darkroom_core::billing::Billing {
+                unit: darkroom_core::billing::BillingUnit::Request,
+                estimate: darkroom_core::billing::UnitEstimate::Field { field: "bill_units".into(), default: 1.0 },
+            },
         )
     }
 
@@ -149,6 +164,9 @@ impl Model for Diagnostics {
                 status: fail.status,
                 body: json!({"detail": fail.message, "attempt": ctx.attempt}),
             });
+        }
+        if let Some(units) = input.bill_units {
+            ctx.bill(units);
         }
         Ok(serde_json::to_value(DiagnosticsOutput {
             echo: input.echo,

@@ -332,7 +332,7 @@ fn process(data: &[u8], input: &ImageUtilsInput, cancel: &CancellationToken) -> 
 #[async_trait]
 impl Model for ImageUtils {
     fn spec(&self) -> AppSpec {
-        builtin_spec::<ImageUtilsInput, ImageUtilsOutput>(
+        let spec = builtin_spec::<ImageUtilsInput, ImageUtilsOutput>(
             APP_ID,
             "Image utilities",
             "Resizes, crops and converts images between PNG, JPEG and WebP.",
@@ -344,6 +344,17 @@ impl Model for ImageUtils {
                 ..Default::default()
             },
             false,
+        );
+        crate::with_catalog(
+            spec,
+            "image-to-image",
+            &["utility", "resize", "crop", "convert"],
+            None,
+            vec![],
+            darkroom_core::billing::Billing {
+                unit: darkroom_core::billing::BillingUnit::Image,
+                estimate: darkroom_core::billing::UnitEstimate::PerRequest,
+            },
         )
     }
 
@@ -394,6 +405,7 @@ impl Model for ImageUtils {
             .output_file(bytes::Bytes::from(p.data), p.format.content_type(), p.format.file_name(), Some(p.output_size))
             .await?;
         ctx.progress(1.0, None);
+        ctx.bill(1.0);
         Ok(serde_json::to_value(ImageUtilsOutput { image }).expect("serialises"))
     }
 }

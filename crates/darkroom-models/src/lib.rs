@@ -22,8 +22,14 @@ pub use files::{Fetched, File, FileError, FileIo, InlineFiles};
 /// What a model reports while it runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelEvent {
-    Log { level: String, message: String },
-    Progress { fraction: f64, message: Option<String> },
+    Log {
+        level: String,
+        message: String,
+    },
+    Progress {
+        fraction: f64,
+        message: Option<String>,
+    },
     Partial(Value),
     /// How many units of its billing unit the request used (the last report wins).
     BillableUnits(f64),
@@ -208,7 +214,31 @@ pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
         output_schema: serde_json::to_value(inline_schema::<O>()).expect("schema serialises"),
         scaling,
         streaming,
+        catalog: Default::default(),
+        billing: Default::default(),
     }
+}
+
+/// Sets an app's catalog entry and metering.
+pub fn with_catalog(
+    mut spec: AppSpec,
+    category: &str,
+    tags: &[&str],
+    license: Option<&str>,
+    examples: Vec<(&str, Value)>,
+    billing: darkroom_core::billing::Billing,
+) -> AppSpec {
+    spec.catalog = darkroom_core::app::CatalogInfo {
+        category: category.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        license: license.map(str::to_string),
+        examples: examples
+            .into_iter()
+            .map(|(title, input)| darkroom_core::app::Example { path: String::new(), title: title.into(), input })
+            .collect(),
+    };
+    spec.billing = billing;
+    spec
 }
 
 /// A JSON Schema with subschemas inlined: optional nested objects become `type: [object, null]` rather than

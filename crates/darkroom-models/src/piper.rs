@@ -759,7 +759,7 @@ impl PiperTts {
 #[async_trait]
 impl Model for PiperTts {
     fn spec(&self) -> AppSpec {
-        builtin_spec::<PiperInput, PiperOutput>(
+        let spec = builtin_spec::<PiperInput, PiperOutput>(
             APP_ID,
             "Piper text-to-speech",
             "Speaks text with a Piper voice (VITS, ONNX Runtime; phonemes from espeak-ng) as a 16-bit mono WAV. \
@@ -773,6 +773,18 @@ impl Model for PiperTts {
                 ..Default::default()
             },
             false,
+        );
+        crate::with_catalog(
+            spec,
+            "text-to-speech",
+            &["tts", "piper", "vits", "english", "onnx"],
+            Some("MIT"),
+            vec![("Speak a sentence", json!({"text": "The quick brown fox jumps over the lazy dog."}))],
+            // fal prices speech synthesis per character of input.
+            darkroom_core::billing::Billing {
+                unit: darkroom_core::billing::BillingUnit::Character,
+                estimate: darkroom_core::billing::UnitEstimate::Length { field: "text".into() },
+            },
         )
     }
 
@@ -893,6 +905,7 @@ impl Model for PiperTts {
             ),
         );
         let audio = ctx.output_file(bytes::Bytes::from(wav), "audio/wav", "speech.wav", None).await?;
+        ctx.bill(input.text.chars().count() as f64);
         Ok(serde_json::to_value(PiperOutput { audio, duration }).expect("serialises"))
     }
 }

@@ -619,13 +619,28 @@ impl Model for WhisperApp {
             keep_alive: 300,
             ..Default::default()
         };
-        crate::builtin_spec::<WhisperInput, WhisperOutput>(
+        let spec = crate::builtin_spec::<WhisperInput, WhisperOutput>(
             APP_ID,
             "Whisper",
             "Speech to text with OpenAI's Whisper (tiny.en by default), in Rust on candle. Greedy decoding; \
              timestamped segments; audio of any length.",
             knobs,
             false,
+        );
+        crate::with_catalog(
+            spec,
+            "speech-to-text",
+            &["whisper", "asr", "transcription", "english", "timestamps"],
+            Some("MIT"),
+            vec![(
+                "Transcribe a clip",
+                serde_json::json!({"audio_url": "https://example.com/speech.wav", "task": "transcribe"}),
+            )],
+            // Billed per second of input audio, known only once the audio is fetched.
+            darkroom_core::billing::Billing {
+                unit: darkroom_core::billing::BillingUnit::AudioSecond,
+                estimate: darkroom_core::billing::UnitEstimate::Unknown,
+            },
         )
     }
 
@@ -672,6 +687,7 @@ impl Model for WhisperApp {
         })
         .await
         .map_err(|e| internal(e.to_string()))??;
+        ctx.bill(out.duration);
         serde_json::to_value(out).map_err(|e| internal(e.to_string()))
     }
 }

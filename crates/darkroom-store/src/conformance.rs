@@ -641,7 +641,11 @@ pub async fn usage_lines_are_written_with_the_completion(s: &dyn Store) {
     assert_eq!(buckets.iter().map(|r| r.requests).sum::<i64>(), 6);
     let window = UsageFilter { since: Some(3_000), until: Some(3_500), ..Default::default() };
     let w = s.summarize_usage(&window, None, &[]).await.unwrap();
-    assert_eq!(w.iter().map(|r| r.requests).sum::<i64>(), 3, "bad, cr at 3000 and retry at 3200; boom and lost unbilled");
+    assert_eq!(
+        w.iter().map(|r| r.requests).sum::<i64>(),
+        3,
+        "bad, cr at 3000 and retry at 3200; boom and lost unbilled"
+    );
     assert_eq!(s.owner_spend("owner-a", 0).await.unwrap(), a_image.cost_nanos);
     assert_eq!(s.owner_spend("owner-a", 3_500).await.unwrap(), 32_000_000);
     assert_eq!(s.owner_spend("nobody", 0).await.unwrap(), 0);

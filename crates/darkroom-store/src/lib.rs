@@ -24,9 +24,9 @@ pub mod usage;
 mod writer;
 
 pub use index::JobBrief;
-pub use usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
+pub use usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 
 /// What a shared store tells the other gateways (PostgreSQL `LISTEN/NOTIFY`). Only a wake-up hint: a receiver
 /// that misses one finds the same state by polling.

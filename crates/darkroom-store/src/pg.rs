@@ -101,13 +101,11 @@ async fn write_outcome(
 
 /// The usage line, in the same transaction as the completion (none for a 5xx).
 async fn record_usage_in(c: &mut PgConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM jobs WHERE id = $1",
-        crate::usage::BILLING_COLUMNS
-    )))
-    .bind(job_id)
-    .fetch_optional(&mut *c)
-    .await?;
+    let row =
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {} FROM jobs WHERE id = $1", crate::usage::BILLING_COLUMNS)))
+            .bind(job_id)
+            .fetch_optional(&mut *c)
+            .await?;
     let Some(row) = row else { return Ok(()) };
     let b = crate::usage::billing_row!(&row);
     if let Some(line) = crate::usage::line_for(job_id, b, o, now) {

@@ -10,8 +10,8 @@ use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
 
-use crate::usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 use crate::index::{Index, JobBrief};
+use crate::usage::{Budget, UsageBucket, UsageFilter, UsageGroup, UsageLine};
 use crate::writer::Writer;
 use crate::*;
 
@@ -86,13 +86,11 @@ async fn write_outcome(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now:
 
 /// The usage line, in the same transaction as the completion (none for a 5xx).
 async fn record_usage_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM jobs WHERE id = ?",
-        crate::usage::BILLING_COLUMNS
-    )))
-    .bind(job_id)
-    .fetch_optional(&mut *c)
-    .await?;
+    let row =
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {} FROM jobs WHERE id = ?", crate::usage::BILLING_COLUMNS)))
+            .bind(job_id)
+            .fetch_optional(&mut *c)
+            .await?;
     let Some(row) = row else { return Ok(()) };
     let b = crate::usage::billing_row!(&row);
     if let Some(line) = crate::usage::line_for(job_id, b, o, now) {

@@ -75,11 +75,8 @@ pub(crate) fn line_for(job_id: &str, b: BillingRow, o: &Outcome, now: Millis) ->
         return None;
     }
     let unit = BillingUnit::parse(&b.bill_unit).unwrap_or_default();
-    let units = if o.status == 200 {
-        o.units.unwrap_or(if unit == BillingUnit::Request { 1.0 } else { 0.0 })
-    } else {
-        0.0
-    };
+    let units =
+        if o.status == 200 { o.units.unwrap_or(if unit == BillingUnit::Request { 1.0 } else { 0.0 }) } else { 0.0 };
     let runner_ms = b.started_at.map(|s| (now - s).max(0)).unwrap_or(0);
     Some(UsageLine {
         id: darkroom_core::ids::new_request_id(),
@@ -347,8 +344,5 @@ pub(crate) fn summary_sql(
             .into(),
     );
     let keys = keys.join(", ");
-    (
-        format!("SELECT {} FROM usage_lines WHERE {w} GROUP BY {keys} ORDER BY {keys}", select.join(", ")),
-        q.args,
-    )
+    (format!("SELECT {} FROM usage_lines WHERE {w} GROUP BY {keys} ORDER BY {keys}", select.join(", ")), q.args)
 }

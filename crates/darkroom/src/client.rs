@@ -78,6 +78,25 @@ impl Client {
     pub async fn patch(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.send(self.http.patch(self.url(path)).json(body)).await
     }
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+    /// A GET whose body is returned as text (CSV, Markdown).
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header("authorization", format!("Key {}", self.key))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {} (is `darkroom serve` running?)", self.info.url))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{status}: {text}");
+        }
+        Ok(text)
+    }
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.delete(self.url(path))).await
     }

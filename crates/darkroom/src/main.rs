@@ -13,6 +13,7 @@ mod client;
 mod files_cmd;
 mod models_cmd;
 mod serve;
+mod usage_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +113,20 @@ enum Command {
         store: models_cmd::StoreArgs,
         #[command(subcommand)]
         command: models_cmd::ModelsCommand,
+    },
+    /// Usage and cost per time bucket and app, key or owner (table, CSV, or line items).
+    Usage {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(flatten)]
+        args: usage_cmd::UsageArgs,
+    },
+    /// Per-owner spending limits: list, set, remove.
+    Budgets {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: usage_cmd::BudgetsCommand,
     },
     /// Print the error catalog (Markdown).
     Errors,
@@ -253,6 +268,14 @@ enum RunnersCommand {
 enum AppsCommand {
     /// List apps with their scaling in effect.
     Ls,
+    /// Show an app's catalog entry: description, license, endpoints and inputs, pricing, runner state.
+    Show {
+        /// The app, e.g. darkroom/whisper.
+        app: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show or change an app's scaling (fal's knobs). Changes apply at once and are kept across restarts until
     /// `--reset` (or `darkroom serve --reset-scale`). With no options, shows the knobs.
     Scale(ScaleArgs),
@@ -386,6 +409,10 @@ fn main() -> anyhow::Result<()> {
             Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
             Command::Bench(c) => bench::run(c).await,
             Command::Models { store, command } => models_cmd::run(&store, command).await,
+            Command::Usage { data, args } => usage_cmd::usage(&client::Client::admin(&data.data_dir)?, args).await,
+            Command::Budgets { data, command } => {
+                usage_cmd::budgets(&client::Client::admin(&data.data_dir)?, command).await
+            }
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())
@@ -418,6 +445,7 @@ async fn apps_cmd(data_dir: &std::path::Path, command: AppsCommand) -> anyhow::R
                 );
             }
         }
+        AppsCommand::Show { app, json } => usage_cmd::show_app(&c, &app, json).await?,
         AppsCommand::Scale(a) => {
             let path = format!("/v1/apps/{}/scale", a.app.trim_matches('/'));
             let mut patch = serde_json::Map::new();

@@ -134,6 +134,10 @@ pub struct ServeArgs {
     /// Forget run-time scaling changes (`darkroom apps scale`) and start from the apps' deployed knobs.
     #[arg(long)]
     pub reset_scale: bool,
+    /// A TOML price book: `currency`, `[default]` and `[apps."owner/alias"]` tables with `unit_price` (per unit of
+    /// the app's billing unit) and `runner_second_price`. Without one every app costs 0 (usage is still metered).
+    #[arg(long, env = "DARKROOM_PRICING", value_name = "FILE")]
+    pub pricing: Option<std::path::PathBuf>,
     /// On SIGTERM, seconds to let running requests finish before the rest are handed back to the queue.
     #[arg(long, env = "DARKROOM_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
@@ -286,6 +290,15 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         files_expire_after: (a.files_expire_days > 0)
             .then(|| std::time::Duration::from_secs(a.files_expire_days * 86_400)),
         reset_scale: a.reset_scale,
+        prices: match &a.pricing {
+            None => Default::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read the price book {}: {e}", p.display()))?;
+                darkroom_core::billing::PriceBook::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+            }
+        },
         ..GatewayConfig::default()
     };
     let apps = darkroom_models::builtin_specs();
