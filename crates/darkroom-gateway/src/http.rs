@@ -172,6 +172,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(crate::webhooks::router())
         .merge(crate::files::router())
         .merge(crate::catalog::router())
+        .route_service("/mcp", crate::mcp::http_service(gw.clone()))
         .merge(crate::billing::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -28,6 +28,7 @@ pub mod files;
 pub mod fleet;
 pub mod http;
 pub mod hub;
+pub mod mcp;
 pub mod metrics;
 pub mod openapi;
 pub mod payloads;

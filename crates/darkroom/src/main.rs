@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 mod bench;
 mod client;
 mod files_cmd;
+mod mcp_cmd;
 mod models_cmd;
 mod serve;
 mod usage_cmd;
@@ -27,7 +28,7 @@ mod usage_cmd;
 )]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `darkroom_gateway=debug`.
-    #[arg(long, env = "DARKROOM_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "DARKROOM_LOG", default_value = "info,rmcp=warn", global = true)]
     log: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "DARKROOM_LOG_FORMAT", default_value = "text", global = true)]
@@ -128,6 +129,9 @@ enum Command {
         #[command(subcommand)]
         command: usage_cmd::BudgetsCommand,
     },
+    /// Serve the apps as MCP (Model Context Protocol) tools on stdin/stdout, for MCP clients that start a local
+    /// command; the tools call a running server (`--url`, `--key`). HTTP clients use `/mcp` on the server instead.
+    Mcp(mcp_cmd::McpArgs),
     /// Print the error catalog (Markdown).
     Errors,
     /// Copy a SQLite deployment (the data folder's database) into an empty PostgreSQL database, to run several
@@ -413,6 +417,7 @@ fn main() -> anyhow::Result<()> {
             Command::Budgets { data, command } => {
                 usage_cmd::budgets(&client::Client::admin(&data.data_dir)?, command).await
             }
+            Command::Mcp(a) => mcp_cmd::run(a).await,
             Command::Errors => {
                 print!("{}", darkroom_core::error::catalog_markdown());
                 Ok(())
