@@ -12,6 +12,7 @@ pub mod protocol;
 pub mod route;
 pub mod scaling;
 pub mod tls;
+pub mod token;
 pub mod webhook;
 
 pub use error::{ApiError, ErrorType};

@@ -73,6 +73,17 @@ pub enum RunnerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         units: Option<f64>,
     },
+    /// A frame for a realtime session's client.
+    RealtimeOutput { session_id: String, binary: bool, data: String },
+    /// The runner ended a realtime session (its app failed to open it, or closed it); `error` and `reason` go to
+    /// the client as fal's `x-fal-error` frame.
+    RealtimeClosed {
+        session_id: String,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        reason: Option<String>,
+    },
 }
 
 /// Gateway → runner.
@@ -103,6 +114,12 @@ pub enum GatewayFrame {
     Refused { job_id: String, token: i64, reason: String },
     /// The gateway is going away; finish or drop work and reconnect later.
     Shutdown { reason: String },
+    /// A realtime session pinned to this runner opened, for the app's endpoint `path`.
+    RealtimeOpen { session_id: String, path: String },
+    /// A client frame of a realtime session: a binary frame as base64 (`binary`), or a text frame as is.
+    RealtimeInput { session_id: String, binary: bool, data: String },
+    /// The client went away or the session ended: stop it.
+    RealtimeClose { session_id: String },
 }
 
 #[cfg(test)]

@@ -361,6 +361,7 @@ async fn enforce_request_timeouts(gw: &Arc<Gateway>, now: Millis) {
 
 /// The runners of one app as the autoscaler sees them; slot ids stand for managed runners.
 fn views(gw: &Gateway, fleet: &Fleet, app_id: &str, now: Millis) -> Vec<RunnerView> {
+    let per_runner = gw.realtime.per_runner();
     let slots = fleet.slots.lock().unwrap();
     let m = gw.hub.runners.lock().unwrap();
     let mut out = Vec::new();
@@ -377,18 +378,20 @@ fn views(gw: &Gateway, fleet: &Fleet, app_id: &str, now: Millis) -> Vec<RunnerVi
             (_, Some(p)) => p,
             _ => slot.and_then(|s| s.started_at).unwrap_or(c.connected_at),
         };
+        // A runner holding realtime sessions is busy, whatever its queue work.
+        let sessions = per_runner.get(&c.runner_id).copied().unwrap_or(0) as u32;
         let phase = match c.phase {
             _ if stopping => Phase::Draining,
             ConnPhase::Draining => Phase::Draining,
             ConnPhase::Pull | ConnPhase::Setup => Phase::Starting,
-            ConnPhase::Ready if c.in_flight.is_empty() && c.reserved == 0 => Phase::Idle,
+            ConnPhase::Ready if c.in_flight.is_empty() && c.reserved == 0 && sessions == 0 => Phase::Idle,
             ConnPhase::Ready => Phase::Running,
         };
         out.push(RunnerView {
             id: slot.map_or_else(|| c.runner_id.clone(), |s| s.id.clone()),
             phase,
             managed: slot.is_some(),
-            in_flight: c.in_flight.len() as u32 + c.reserved,
+            in_flight: c.in_flight.len() as u32 + c.reserved + sessions,
             started_at,
             last_active_at: c.last_active_at,
             served: c.served,
@@ -456,10 +459,12 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
             .map(|c| c.in_flight.len() as u64 + c.reserved as u64)
             .sum();
         let d = depths.get(app.as_str());
+        // Realtime sessions hold their runners; sessions waiting for one are demand like queued requests.
+        let (sessions, waiting) = gw.realtime.load(app);
         let load = AppLoad {
-            queued: d.map_or(0, |d| d.queued.max(0) as u64),
+            queued: d.map_or(0, |d| d.queued.max(0) as u64) + waiting,
             oldest_queued_at: d.and_then(|d| d.oldest_queued_at),
-            in_flight,
+            in_flight: in_flight + sessions,
         };
         if load.queued > 0 {
             queued_apps.insert(app.clone());

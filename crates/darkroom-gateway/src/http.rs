@@ -165,6 +165,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/internal/runner/connect", get(crate::hub::connect))
         .route("/internal/streams/{id}", axum::routing::post(crate::cluster::receive_partial))
         .route("/run/{*rest}", any(crate::run::handle))
+        .route("/rest/tokens", axum::routing::post(crate::realtime::create_token))
+        .route("/rest/tokens/", axum::routing::post(crate::realtime::create_token))
         .route("/queue/{*rest}", any(crate::queue::handle))
         .route("/api/fal/proxy", any(crate::proxy::handle))
         .route("/{owner}/{alias}/openapi.json", get(crate::openapi::root_app_openapi))
@@ -177,6 +179,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(gw.cfg.body_limit))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), crate::realtime::intercept))
         .with_state(gw);
     let no_auth = gw_no_auth;
     let mut outer = Router::new().fallback_service(inner).layer(axum::middleware::from_fn(host_routing));

@@ -217,6 +217,18 @@ impl Hub {
         chosen
     }
 
+    /// Ready runners of an app that are heard from (realtime sessions are pinned to one of them).
+    pub(crate) fn ready_runners(&self, app_id: &str, now: i64) -> Vec<String> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return vec![];
+        }
+        let m = self.runners.lock().unwrap();
+        m.values()
+            .filter(|c| c.app_id == app_id && c.phase == ConnPhase::Ready && now - c.last_seen <= c.quiet_ms)
+            .map(|c| c.runner_id.clone())
+            .collect()
+    }
+
     /// How many more requests the ready runners of `app_id` can take now.
     fn free_places(&self, app_id: &str, mux: u32, now: i64) -> usize {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -577,6 +589,7 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
         }
     }
     gw.hub.runners.lock().unwrap().remove(&runner_id);
+    gw.realtime.runner_lost(&runner_id);
     tracing::info!(%runner_id, app = %app_id, "runner left");
     gw.fleet.kick();
     match gw.store.release_runner(&runner_id, gw.now()).await {
@@ -694,6 +707,12 @@ async fn handle_frame(gw: &Arc<Gateway>, runner_id: &str, app_id: &str, frame: R
     let now = gw.now();
     match frame {
         RunnerFrame::Hello { .. } | RunnerFrame::Ack { .. } => {}
+        RunnerFrame::RealtimeOutput { session_id, binary, data } => {
+            gw.realtime.deliver(runner_id, &session_id, crate::realtime::RtEvent::Output { binary, data });
+        }
+        RunnerFrame::RealtimeClosed { session_id, error, reason } => {
+            gw.realtime.deliver(runner_id, &session_id, crate::realtime::RtEvent::Closed { error, reason });
+        }
         RunnerFrame::State { state, message } => {
             if state == "failed" {
                 let why = message.clone().unwrap_or_default();

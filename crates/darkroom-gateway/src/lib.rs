@@ -34,6 +34,7 @@ pub mod openapi;
 pub mod payloads;
 pub mod proxy;
 pub mod queue;
+pub mod realtime;
 pub mod run;
 pub mod server;
 pub mod tls;
@@ -96,6 +97,10 @@ pub struct GatewayConfig {
     pub reset_scale: bool,
     /// What each app costs (the operator's price book).
     pub prices: darkroom_core::billing::PriceBook,
+    /// A realtime session with no input for this long gets fal's `TIMEOUT` error frame and is closed.
+    pub realtime_idle_timeout: Duration,
+    /// How long a realtime connection waits for a runner of its app to become ready.
+    pub realtime_start_timeout: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -142,6 +147,8 @@ impl Default for GatewayConfig {
             files_expire_after: Some(Duration::from_secs(30 * 24 * 3600)),
             reset_scale: false,
             prices: Default::default(),
+            realtime_idle_timeout: Duration::from_secs(60),
+            realtime_start_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -195,6 +202,8 @@ pub struct Gateway {
     pub signer: darkroom_storage::Signer,
     /// Owners' budgets, read through a short cache.
     pub budgets: billing::BudgetCache,
+    /// Realtime sessions and their token key.
+    pub realtime: realtime::Realtime,
     pub(crate) router: OnceLock<Router>,
 }
 
@@ -274,6 +283,7 @@ impl Gateway {
             cluster_token,
             cluster_http,
             budgets: Default::default(),
+            realtime: Default::default(),
             router: OnceLock::new(),
         });
         webhooks::load_keys(&gw).await?;

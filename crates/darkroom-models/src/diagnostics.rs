@@ -137,6 +137,25 @@ impl Model for Diagnostics {
         Ok(())
     }
 
+    fn has_realtime(&self, path: &str) -> bool {
+        path.is_empty()
+    }
+
+    /// The realtime echo: each input comes back as it came, after `sleep_ms` if it asks; `fail` (a message) fails
+    /// the frame.
+    async fn realtime(&self, _path: &str, input: Value, ctx: &crate::RealtimeContext) -> Result<Value, ModelError> {
+        if let Some(ms) = input.get("sleep_ms").and_then(Value::as_u64) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ms.min(60_000))) => {}
+                _ = ctx.cancel.cancelled() => return Err(ModelError::Cancelled),
+            }
+        }
+        if let Some(msg) = input.get("fail").and_then(Value::as_str) {
+            return Err(ModelError::app(500, msg.to_string()));
+        }
+        Ok(input)
+    }
+
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -154,6 +154,24 @@ pub trait Model: Send + Sync + 'static {
     async fn setup(&self, _report: &SetupReporter) -> Result<(), String> {
         Ok(())
     }
+    /// The app's realtime endpoint (`/{app}[/{path}]/realtime`): one output per input, in order, for the life of a
+    /// session pinned to this runner. Inputs arrive as JSON (msgpack binary values become `data:` URIs); the
+    /// default has none.
+    async fn realtime(&self, path: &str, _input: Value, _ctx: &RealtimeContext) -> Result<Value, ModelError> {
+        Err(ModelError::app(404, format!("this app has no realtime endpoint at /{path}")))
+    }
+    /// Whether the app has a realtime endpoint at this path (checked when a session opens).
+    fn has_realtime(&self, _path: &str) -> bool {
+        false
+    }
+}
+
+/// What a realtime handler gets besides its input.
+#[derive(Debug, Clone)]
+pub struct RealtimeContext {
+    pub session_id: String,
+    /// Cancelled when the session ends.
+    pub cancel: CancellationToken,
 }
 
 /// What a model is doing while it gets ready (the runner's PULL and SETUP states).

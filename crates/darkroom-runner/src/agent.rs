@@ -269,6 +269,7 @@ async fn connect_and_serve(
     };
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<RunnerFrame>();
     let mut jobs: HashMap<String, Running> = HashMap::new();
+    let mut sessions = crate::realtime::Sessions::default();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(100)));
     let mut draining = false;
     // What it is doing while not ready yet (the hello carries the state, this the message).
@@ -336,6 +337,13 @@ async fn connect_and_serve(
                         tracing::info!(%reason, "gateway shutting down");
                         break Ok(if draining { Ended::Drained } else { Ended::Lost });
                     }
+                    GatewayFrame::RealtimeOpen { session_id, path } => {
+                        sessions.open(model.clone(), session_id, path, out_tx.clone());
+                    }
+                    GatewayFrame::RealtimeInput { session_id, binary, data } => {
+                        sessions.input(&session_id, binary, data);
+                    }
+                    GatewayFrame::RealtimeClose { session_id } => sessions.close(&session_id),
                     GatewayFrame::Welcome { .. } => {}
                 }
             }
@@ -367,6 +375,8 @@ async fn connect_and_serve(
     for (_, r) in jobs.drain() {
         r.cancel.cancel();
     }
+    // Sessions are pinned to this channel; the gateway tells their clients.
+    sessions.close_all();
     result
 }
 

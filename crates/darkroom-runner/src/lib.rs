@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod files;
+pub mod realtime;
 pub mod tls;
 
 pub use agent::{RunnerConfig, run_runner};

@@ -138,6 +138,12 @@ pub struct ServeArgs {
     /// the app's billing unit) and `runner_second_price`. Without one every app costs 0 (usage is still metered).
     #[arg(long, env = "DARKROOM_PRICING", value_name = "FILE")]
     pub pricing: Option<std::path::PathBuf>,
+    /// Seconds a realtime session may go without input before it gets fal's TIMEOUT error frame and is closed.
+    #[arg(long, env = "DARKROOM_REALTIME_IDLE_SECS", default_value_t = 60)]
+    pub realtime_idle_secs: u64,
+    /// Seconds a realtime connection waits for a runner of its app to become ready (a cold start).
+    #[arg(long, env = "DARKROOM_REALTIME_START_TIMEOUT_SECS", default_value_t = 300)]
+    pub realtime_start_timeout_secs: u64,
     /// On SIGTERM, seconds to let running requests finish before the rest are handed back to the queue.
     #[arg(long, env = "DARKROOM_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
@@ -290,6 +296,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         files_expire_after: (a.files_expire_days > 0)
             .then(|| std::time::Duration::from_secs(a.files_expire_days * 86_400)),
         reset_scale: a.reset_scale,
+        realtime_idle_timeout: std::time::Duration::from_secs(a.realtime_idle_secs.max(1)),
+        realtime_start_timeout: std::time::Duration::from_secs(a.realtime_start_timeout_secs.max(1)),
         prices: match &a.pricing {
             None => Default::default(),
             Some(p) => {
