@@ -460,10 +460,14 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
             .sum();
         let d = depths.get(app.as_str());
         // Realtime sessions hold their runners; sessions waiting for one are demand like queued requests.
-        let (sessions, waiting) = gw.realtime.load(app);
+        let (sessions, waiting, waiting_since) = gw.realtime.load(app);
+        let oldest = match (d.and_then(|d| d.oldest_queued_at), waiting_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let load = AppLoad {
             queued: d.map_or(0, |d| d.queued.max(0) as u64) + waiting,
-            oldest_queued_at: d.and_then(|d| d.oldest_queued_at),
+            oldest_queued_at: oldest,
             in_flight: in_flight + sessions,
         };
         if load.queued > 0 {

@@ -31,8 +31,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Routed {
 }
 
 /// fal's host names and the prefix each maps to.
-pub const FAL_HOSTS: &[(&str, &str)] =
-    &[("fal.run", "/run"), ("queue.fal.run", "/queue"), ("rest.fal.ai", "/rest"), ("v3.fal.media", "/cdn")];
+pub const FAL_HOSTS: &[(&str, &str)] = &[
+    ("fal.run", "/run"),
+    ("queue.fal.run", "/queue"),
+    ("rest.fal.ai", "/rest"),
+    ("v3.fal.media", "/cdn"),
+    ("ws.fal.run", "/ws"),
+];
 
 pub fn request_id_header(id: &str) -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))

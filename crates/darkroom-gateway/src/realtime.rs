@@ -49,16 +49,18 @@ struct Route {
 pub struct Realtime {
     key: tokio::sync::OnceCell<WebhookKey>,
     routes: Mutex<HashMap<String, Route>>,
-    /// Sessions waiting for a runner, per app (demand for the autoscaler).
-    waiting: Mutex<HashMap<String, usize>>,
+    /// Sessions waiting for a runner, per app, with when each began waiting (demand for the autoscaler).
+    waiting: Mutex<HashMap<String, HashMap<u64, darkroom_core::Millis>>>,
+    next_waiter: std::sync::atomic::AtomicU64,
 }
 
 impl Realtime {
-    /// Sessions pinned to runners of an app, and sessions waiting for one.
-    pub fn load(&self, app_id: &str) -> (u64, u64) {
+    /// Sessions pinned to runners of an app, sessions waiting for one, and when the longest waiting began.
+    pub fn load(&self, app_id: &str) -> (u64, u64, Option<darkroom_core::Millis>) {
         let open = self.routes.lock().unwrap().values().filter(|r| r.app_id == app_id).count() as u64;
-        let waiting = self.waiting.lock().unwrap().get(app_id).copied().unwrap_or(0) as u64;
-        (open, waiting)
+        let w = self.waiting.lock().unwrap();
+        let waiting = w.get(app_id);
+        (open, waiting.map_or(0, |m| m.len() as u64), waiting.and_then(|m| m.values().min().copied()))
     }
 
     /// Open sessions per runner.
@@ -188,6 +190,13 @@ pub async fn intercept(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
             .get("upgrade")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_upgrade && let Some(target) = req.uri().path().strip_prefix("/ws/").map(str::to_string) {
+        let (mut parts, _) = req.into_parts();
+        return match http_over_ws(&gw, &mut parts, target.trim_end_matches('/')).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
     let Some(target) = is_upgrade.then(|| realtime_target(req.uri().path())).flatten() else {
         return next.run(req).await;
     };
@@ -258,16 +267,17 @@ async fn pin_runner(
     max_buffering: usize,
 ) -> Option<String> {
     let deadline = tokio::time::Instant::now() + gw.cfg.realtime_start_timeout;
-    let mut counted = false;
+    let mut waiter: Option<u64> = None;
     let chosen = loop {
         let per = gw.realtime.per_runner();
         let found = gw.hub.ready_runners(app_id, gw.now()).into_iter().min_by_key(|r| per.get(r).copied().unwrap_or(0));
         if found.is_some() || tokio::time::Instant::now() >= deadline {
             break found;
         }
-        if !counted {
-            *gw.realtime.waiting.lock().unwrap().entry(app_id.to_string()).or_insert(0) += 1;
-            counted = true;
+        if waiter.is_none() {
+            let id = gw.realtime.next_waiter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            gw.realtime.waiting.lock().unwrap().entry(app_id.to_string()).or_default().insert(id, gw.now());
+            waiter = Some(id);
             gw.fleet.kick();
         }
         tokio::select! {
@@ -281,8 +291,10 @@ async fn pin_runner(
             },
         }
     };
-    if counted && let Some(n) = gw.realtime.waiting.lock().unwrap().get_mut(app_id) {
-        *n = n.saturating_sub(1);
+    if let Some(id) = waiter
+        && let Some(m) = gw.realtime.waiting.lock().unwrap().get_mut(app_id)
+    {
+        m.remove(&id);
     }
     chosen
 }
@@ -370,6 +382,88 @@ async fn session(gw: Arc<Gateway>, mut socket: WebSocket, app_id: String, path: 
     gw.hub.send(&runner_id, GatewayFrame::RealtimeClose { session_id });
     metrics::gauge!("darkroom_realtime_sessions").decrement(1.0);
     gw.fleet.kick();
+}
+
+/// fal's HTTP-over-WebSocket surface (`wss://ws.fal.run/{app}[/{path}]`, here also `/ws/{app}[/{path}]`): each
+/// JSON text frame is one synchronous run of the endpoint, answered with a `{"type":"start","request_id"}` frame,
+/// the response body, and a `{"type":"end","request_id","status"}` frame. Requests run one after another; closing
+/// the socket cancels the one running.
+async fn http_over_ws(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts, target: &str) -> ApiResult<Response> {
+    let segs: Vec<&str> = target.split('/').collect();
+    let (app_ref, rest) = darkroom_core::ids::split_endpoint(&segs).map_err(ApiErr)?;
+    let app_id = app_ref.id();
+    let path = rest.join("/");
+    let app = gw.apps.get(&app_id).ok_or_else(|| err(ErrorType::AppNotFound, format!("App '{app_id}' not found")))?;
+    if !app.has_path(&path) {
+        return Err(err(ErrorType::EndpointNotFound, format!("Path /{path} not found")));
+    }
+    gw.authenticate(&parts.headers).await?;
+    let auth = parts.headers.get("authorization").cloned();
+    let ws = WebSocketUpgrade::from_request_parts(parts, &())
+        .await
+        .map_err(|e| err(ErrorType::InvalidRequest, format!("Not a WebSocket upgrade: {e}")))?;
+    let run_path = if path.is_empty() { format!("/run/{app_id}") } else { format!("/run/{app_id}/{path}") };
+    let gw = gw.clone();
+    Ok(ws.max_message_size(64 << 20).on_upgrade(move |mut socket| async move {
+        use tower::ServiceExt;
+        let payload = |m: Message| match m {
+            Message::Text(t) => Some(axum::body::Bytes::from(t.to_string())),
+            Message::Binary(b) => Some(b),
+            _ => None,
+        };
+        let mut pending: VecDeque<axum::body::Bytes> = VecDeque::new();
+        'session: loop {
+            let body = match pending.pop_front() {
+                Some(b) => b,
+                None => tokio::select! {
+                    m = socket.recv() => match m {
+                        Some(Ok(m)) => match payload(m) { Some(b) => b, None => continue },
+                        _ => break,
+                    },
+                    _ = gw.shutdown.cancelled() => break,
+                },
+            };
+            let request_id = darkroom_core::ids::new_request_id();
+            let mut req = axum::http::Request::post(&run_path).header("content-type", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("authorization", a.clone());
+            }
+            let Ok(req) = req.body(axum::body::Body::from(body)) else { break };
+            let mut call = std::pin::pin!(gw.router().oneshot(req));
+            // Frames arriving meanwhile wait their turn; the client going away drops the run, which cancels it.
+            let resp = loop {
+                tokio::select! {
+                    r = &mut call => break match r { Ok(r) => r, Err(e) => match e {} },
+                    m = socket.recv() => match m {
+                        Some(Ok(m)) => if let Some(b) = payload(m) {
+                            pending.push_back(b);
+                            if pending.len() > 64 {
+                                let _ = socket.send(error_text("TOO_MANY_PENDING", "more than 64 requests waiting")).await;
+                                close(&mut socket, 1008, "too many pending").await;
+                                break 'session;
+                            }
+                        },
+                        _ => break 'session,
+                    },
+                }
+            };
+            let status = resp.status().as_u16();
+            let id = resp.headers().get("x-fal-request-id").and_then(|v| v.to_str().ok()).unwrap_or(&request_id).to_string();
+            let Ok(bytes) = axum::body::to_bytes(resp.into_body(), 1 << 30).await else { break };
+            let start = json!({"type": "start", "request_id": id, "status": status});
+            let chunk = match std::str::from_utf8(&bytes) {
+                Ok(t) => Message::Text(t.to_string().into()),
+                Err(_) => Message::Binary(bytes),
+            };
+            let end = json!({"type": "end", "request_id": id, "status": status});
+            if socket.send(Message::Text(start.to_string().into())).await.is_err()
+                || socket.send(chunk).await.is_err()
+                || socket.send(Message::Text(end.to_string().into())).await.is_err()
+            {
+                break;
+            }
+        }
+    }))
 }
 
 #[cfg(test)]

@@ -358,6 +358,19 @@ impl Model for ImageUtils {
         )
     }
 
+    fn has_realtime(&self, path: &str) -> bool {
+        path.is_empty()
+    }
+
+    /// Interactive resizing and conversion of small frames: the same input as a request (the image as a msgpack
+    /// binary, which arrives as a data URI, or a data URI string), the output image inline as a data URI.
+    async fn realtime(&self, path: &str, input: Value, rt: &crate::RealtimeContext) -> Result<Value, ModelError> {
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = RunContext::new(rt.session_id.clone(), 1, path.to_string(), rt.cancel.clone(), events)
+            .with_files(std::sync::Arc::new(crate::InlineFiles), true);
+        self.run(input, ctx).await
+    }
+
     async fn run(&self, input: Value, ctx: RunContext) -> Result<Value, ModelError> {
         let input: ImageUtilsInput = serde_json::from_value(input).map_err(|e| ModelError::App {
             status: 422,

@@ -202,3 +202,66 @@ async fn a_dying_runner_ends_its_sessions_and_many_sessions_run_at_once() {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_over_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    s.wait_runners(1).await;
+    let url = format!("{}/ws/{APP}", s.url.replacen("http", "ws", 1));
+    assert_eq!(connect(&url, None).await.err(), Some(401));
+    let mut ws = connect(&url, Some(&s.admin)).await.unwrap();
+    // Two requests sent back to back are answered in turn, each between its start and end frames.
+    ws.send(Message::Text(json!({"echo": "one"}).to_string().into())).await.unwrap();
+    ws.send(Message::Text(json!({"echo": "two", "sleep_ms": 50}).to_string().into())).await.unwrap();
+    ws.send(Message::Text(json!({"sleep_ms": -1}).to_string().into())).await.unwrap();
+    for (want, status) in [(json!({"echo": "one", "attempt": 1}), 200), (json!({"echo": "two", "attempt": 1}), 200)] {
+        let start = next(&mut ws).await.unwrap().unwrap_err();
+        assert_eq!((start["type"].as_str(), start["status"].as_u64()), (Some("start"), Some(status)));
+        let body = next(&mut ws).await.unwrap().unwrap_err();
+        assert_eq!(body, want);
+        let end = next(&mut ws).await.unwrap().unwrap_err();
+        assert_eq!((end["type"].as_str(), &end["request_id"]), (Some("end"), &start["request_id"]));
+    }
+    let start = next(&mut ws).await.unwrap().unwrap_err();
+    assert_eq!(start["status"], 422);
+    let body = next(&mut ws).await.unwrap().unwrap_err();
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "sleep_ms"]));
+    assert_eq!(next(&mut ws).await.unwrap().unwrap_err()["type"], "end");
+    ws.close(None).await.unwrap();
+}
+
+/// A PNG of `w`×`h` pixels.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_utils_resizes_frames_in_realtime_after_a_cold_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    // image-utils scales from zero: the session waits for its runner to start.
+    let url = format!("{}/run/darkroom/image-utils/realtime", s.url.replacen("http", "ws", 1));
+    let mut ws = connect(&url, Some(&s.admin)).await.unwrap();
+    for (i, w) in [32u32, 48, 64].into_iter().enumerate() {
+        // The frame as msgpack with the image as a binary value.
+        let v = rmpv::Value::Map(vec![
+            (rmpv::Value::from("image_url"), rmpv::Value::Binary(png(w, 16))),
+            (rmpv::Value::from("operation"), rmpv::Value::from("resize")),
+            (rmpv::Value::from("width"), rmpv::Value::from(w / 2)),
+        ]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &v).unwrap();
+        ws.send(Message::Binary(buf.into())).await.unwrap();
+        let out = next(&mut ws).await.unwrap().unwrap_or_else(|e| panic!("frame {i}: {e}"));
+        assert_eq!(
+            (out["image"]["width"].as_u64(), out["image"]["height"].as_u64()),
+            (Some(u64::from(w / 2)), Some(8))
+        );
+        assert!(out["image"]["url"].as_str().unwrap().starts_with("data:image/png;base64,"), "{out}");
+    }
+    ws.close(None).await.unwrap();
+}
