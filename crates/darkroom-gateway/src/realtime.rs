@@ -248,6 +248,12 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
+/// Why a session got no runner.
+enum PinFailed {
+    NoRunner,
+    ClientLeft,
+}
+
 /// A client frame as it travels to the runner: binary (base64) or text.
 fn client_frame(m: Message) -> Option<(bool, String)> {
     match m {
@@ -265,14 +271,17 @@ async fn pin_runner(
     socket: &mut WebSocket,
     early: &mut VecDeque<(bool, String)>,
     max_buffering: usize,
-) -> Option<String> {
+) -> Result<String, PinFailed> {
     let deadline = tokio::time::Instant::now() + gw.cfg.realtime_start_timeout;
     let mut waiter: Option<u64> = None;
     let chosen = loop {
         let per = gw.realtime.per_runner();
         let found = gw.hub.ready_runners(app_id, gw.now()).into_iter().min_by_key(|r| per.get(r).copied().unwrap_or(0));
-        if found.is_some() || tokio::time::Instant::now() >= deadline {
-            break found;
+        if let Some(f) = found {
+            break Ok(f);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break Err(PinFailed::NoRunner);
         }
         if waiter.is_none() {
             let id = gw.realtime.next_waiter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -283,7 +292,12 @@ async fn pin_runner(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             m = socket.recv() => match m {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Close(_))) => {
+                    // Our close reply is queued; it goes out with a flush.
+                    let _ = futures::SinkExt::flush(socket).await;
+                    break Err(PinFailed::ClientLeft);
+                }
+                None | Some(Err(_)) => break Err(PinFailed::ClientLeft),
                 Some(Ok(m)) => if let Some(f) = client_frame(m) {
                     early.push_back(f);
                     if early.len() > max_buffering { early.pop_front(); }
@@ -301,10 +315,14 @@ async fn pin_runner(
 
 async fn session(gw: Arc<Gateway>, mut socket: WebSocket, app_id: String, path: String, max_buffering: usize) {
     let mut buffered: VecDeque<(bool, String)> = VecDeque::new();
-    let Some(runner_id) = pin_runner(&gw, &app_id, &mut socket, &mut buffered, max_buffering).await else {
-        let _ = socket.send(error_text("NO_RUNNER", "no runner of this app became ready in time; retry shortly")).await;
-        close(&mut socket, 1013, "no runner").await;
-        return;
+    let runner_id = match pin_runner(&gw, &app_id, &mut socket, &mut buffered, max_buffering).await {
+        Ok(r) => r,
+        Err(PinFailed::ClientLeft) => return,
+        Err(PinFailed::NoRunner) => {
+            let _ = socket.send(error_text("NO_RUNNER", "no runner of this app became ready in time; retry shortly")).await;
+            close(&mut socket, 1013, "no runner").await;
+            return;
+        }
     };
     let session_id = darkroom_core::ids::new_request_id();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -336,7 +354,11 @@ async fn session(gw: Arc<Gateway>, mut socket: WebSocket, app_id: String, path: 
         tokio::select! {
             m = socket.recv() => {
                 let frame = match m {
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = futures::SinkExt::flush(&mut socket).await;
+                        break;
+                    }
+                    None | Some(Err(_)) => break,
                     Some(Ok(m)) => match client_frame(m) { Some(f) => f, None => continue },
                 };
                 last_input = tokio::time::Instant::now();
@@ -417,6 +439,10 @@ async fn http_over_ws(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts,
                 Some(b) => b,
                 None => tokio::select! {
                     m = socket.recv() => match m {
+                        Some(Ok(Message::Close(_))) => {
+                            let _ = futures::SinkExt::flush(&mut socket).await;
+                            break;
+                        }
                         Some(Ok(m)) => match payload(m) { Some(b) => b, None => continue },
                         _ => break,
                     },
@@ -435,6 +461,10 @@ async fn http_over_ws(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts,
                 tokio::select! {
                     r = &mut call => break match r { Ok(r) => r, Err(e) => match e {} },
                     m = socket.recv() => match m {
+                        Some(Ok(Message::Close(_))) => {
+                            let _ = futures::SinkExt::flush(&mut socket).await;
+                            break 'session;
+                        }
                         Some(Ok(m)) => if let Some(b) = payload(m) {
                             pending.push_back(b);
                             if pending.len() > 64 {
