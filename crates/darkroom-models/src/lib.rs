@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 pub mod audio;
 pub mod diagnostics;
 pub mod files;
+pub mod http_app;
 pub mod image_utils;
 pub mod piper;
 pub mod store;
