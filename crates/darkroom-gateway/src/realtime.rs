@@ -319,7 +319,8 @@ async fn session(gw: Arc<Gateway>, mut socket: WebSocket, app_id: String, path: 
         Ok(r) => r,
         Err(PinFailed::ClientLeft) => return,
         Err(PinFailed::NoRunner) => {
-            let _ = socket.send(error_text("NO_RUNNER", "no runner of this app became ready in time; retry shortly")).await;
+            let _ =
+                socket.send(error_text("NO_RUNNER", "no runner of this app became ready in time; retry shortly")).await;
             close(&mut socket, 1013, "no runner").await;
             return;
         }
