@@ -4,6 +4,7 @@
 //! line of results; with `--started-field`, each response's runner start time (microseconds since the Unix epoch,
 //! from the no-op app's `"timing": true`) gives the queue overhead: request sent → runner started.
 //! `poll` submits one request per client and has every client poll its status at a fixed interval.
+//! `realtime` opens realtime WebSocket sessions and times each msgpack frame's round trip to the app and back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +26,50 @@ pub enum BenchCommand {
     /// Time Piper (darkroom/piper-tts's code, in process: espeak-ng, ONNX Runtime, WAV) on text files: setup time,
     /// then per file the median wall time of --runs syntheses after one warm-up and the real-time factor; JSON lines.
     Tts(TtsArgs),
+    /// Open --sessions realtime WebSocket sessions to an app at once; each sends a msgpack frame, waits for its echo
+    /// and repeats (one frame in flight per session). Prints the round-trip latency and frames/s as JSON.
+    Realtime(RealtimeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example, against `darkroom serve` on this machine (its URL is in server.json, the key in \
+local-admin.key, both in the data folder):
+  darkroom bench realtime --url http://127.0.0.1:PORT --key \"$(cat DATA/local-admin.key)\" --sessions 50 --frames 200
+
+Each frame is the msgpack map {\"data\": \"<frame number, padded to --payload-bytes>\"}; the app must echo its
+input (darkroom/diagnostics does). An echo counts when its bytes equal the frame sent. Plain ws:// on 127.0.0.1
+only.")]
+pub struct RealtimeArgs {
+    /// The gateway's base URL (http://127.0.0.1:PORT; loopback, no TLS).
+    #[arg(long)]
+    url: String,
+    /// An API key, sent as `Authorization: Key <key>` on the WebSocket handshake.
+    #[arg(long)]
+    key: String,
+    /// The app whose realtime endpoint to open (`/run/{app}/realtime`); it must echo each input.
+    #[arg(long, default_value = "darkroom/diagnostics")]
+    app: String,
+    /// Concurrent sessions (one WebSocket each), each with one frame in flight.
+    #[arg(long, short = 'c', default_value_t = 1)]
+    sessions: usize,
+    /// Timed frames per session (after --warmup-frames).
+    #[arg(long, default_value_t = 1000)]
+    frames: u64,
+    /// Untimed frames per session first (the session opening on its runner, first allocations).
+    #[arg(long, default_value_t = 20)]
+    warmup_frames: u64,
+    /// Size of the frame's string field in bytes (the msgpack frame is 7 to 11 bytes more).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Stop timing after this many seconds even if --frames are not all sent.
+    #[arg(long, alias = "duration-secs")]
+    duration: Option<f64>,
+    /// Seconds to wait for the handshake or for any one echo before counting an error and closing that session.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Authenticate with a short-lived token from `POST /rest/tokens/` (`?fal_jwt_token=`) instead of the key header.
+    #[arg(long)]
+    token: bool,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +198,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Poll(a) => poll(a).await,
         BenchCommand::Stt(a) => stt(a).await,
         BenchCommand::Tts(a) => tts(a).await,
+        BenchCommand::Realtime(a) => realtime(a).await,
     }
 }
 
@@ -413,4 +459,430 @@ async fn poll(a: PollArgs) -> anyhow::Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// A minimal RFC 6455 client over plain TCP, enough for the realtime benchmark on 127.0.0.1: no TLS, no extensions,
+/// whole messages on send; pings are answered, fragmented messages reassembled. (The server's
+/// `Sec-WebSocket-Accept` is not checked: it only guards against caches that do not speak WebSocket.)
+struct WsClient {
+    r: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    /// xorshift state for the frame masks.
+    mask: u64,
+    out: Vec<u8>,
+}
+
+/// What a whole WebSocket message was.
+enum WsMsg {
+    Binary(Vec<u8>),
+    Text(String),
+    Close(Option<u16>, String),
+}
+
+/// Standard base64 (for the handshake's key).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in bytes.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            s.push(if i <= c.len() { A[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+        }
+    }
+    s
+}
+
+impl WsClient {
+    async fn connect(url: &url::Url, authorization: Option<&str>, seed: u64) -> anyhow::Result<WsClient> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let addrs = url.socket_addrs(|| None)?;
+        let tcp = tokio::net::TcpStream::connect(&*addrs).await?;
+        tcp.set_nodelay(true)?;
+        let (r, mut w) = tcp.into_split();
+        let mut r = tokio::io::BufReader::new(r);
+        let mut mask = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let key: Vec<u8> = (0..16).map(|_| xorshift(&mut mask) as u8).collect();
+        let host = format!("{}:{}", url.host_str().unwrap_or("127.0.0.1"), url.port_or_known_default().unwrap_or(80));
+        let mut req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n",
+            &url[url::Position::BeforePath..],
+            base64(&key)
+        );
+        if let Some(a) = authorization {
+            req.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        w.write_all(req.as_bytes()).await?;
+        // The response head, bounded; then the body of a refusal (the gateway's JSON error), bounded too.
+        let mut status_line = String::new();
+        r.read_line(&mut status_line).await?;
+        let mut content_length = 0usize;
+        for _ in 0..100 {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let status = status_line.split_whitespace().nth(1).unwrap_or("");
+        if status != "101" {
+            let mut body = vec![0; content_length.min(4096)];
+            let _ = r.read_exact(&mut body).await;
+            bail!("handshake refused: {} {}", status_line.trim(), String::from_utf8_lossy(&body));
+        }
+        Ok(WsClient { r, w, mask, out: Vec::new() })
+    }
+
+    /// Sends one whole message (opcode 1 text, 2 binary, 8 close, 10 pong), masked as a client must.
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let f = &mut self.out;
+        f.clear();
+        f.push(0x80 | opcode);
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let m = (xorshift(&mut self.mask) as u32).to_be_bytes();
+        f.extend_from_slice(&m);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i & 3]));
+        self.w.write_all(f).await
+    }
+
+    /// The next whole data or close message.
+    async fn recv(&mut self) -> anyhow::Result<WsMsg> {
+        use tokio::io::AsyncReadExt;
+        let mut partial: Option<(u8, Vec<u8>)> = None;
+        loop {
+            let mut h = [0u8; 2];
+            self.r.read_exact(&mut h).await?;
+            let (fin, op, masked) = (h[0] & 0x80 != 0, h[0] & 0x0f, h[1] & 0x80 != 0);
+            let len = match h[1] & 0x7f {
+                126 => u64::from(self.r.read_u16().await?),
+                127 => self.r.read_u64().await?,
+                n => u64::from(n),
+            };
+            if len > 256 << 20 {
+                bail!("a {len}-byte frame");
+            }
+            let mut key = [0u8; 4];
+            if masked {
+                self.r.read_exact(&mut key).await?;
+            }
+            let mut data = vec![0u8; len as usize];
+            self.r.read_exact(&mut data).await?;
+            if masked {
+                data.iter_mut().enumerate().for_each(|(i, b)| *b ^= key[i & 3]);
+            }
+            let (op, data) = match op {
+                0x9 => {
+                    self.send(0xA, &data).await?;
+                    continue;
+                }
+                0xA => continue,
+                0x8 => {
+                    let code = (data.len() >= 2).then(|| u16::from_be_bytes([data[0], data[1]]));
+                    let reason = String::from_utf8_lossy(data.get(2..).unwrap_or_default()).into_owned();
+                    return Ok(WsMsg::Close(code, reason));
+                }
+                0x0 => match partial.as_mut() {
+                    Some((_, buf)) => {
+                        buf.extend_from_slice(&data);
+                        if !fin {
+                            continue;
+                        }
+                        partial.take().unwrap()
+                    }
+                    None => bail!("a continuation frame with no message to continue"),
+                },
+                0x1 | 0x2 if !fin => {
+                    partial = Some((op, data));
+                    continue;
+                }
+                0x1 | 0x2 => (op, data),
+                other => bail!("unknown WebSocket opcode {other}"),
+            };
+            return Ok(if op == 0x1 {
+                WsMsg::Text(String::from_utf8_lossy(&data).into_owned())
+            } else {
+                WsMsg::Binary(data)
+            });
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.send(0x8, &1000u16.to_be_bytes()).await;
+    }
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// The msgpack frame `{"data": s}`, where `s` is the frame number padded with `x` to `size` bytes, encoded as
+/// `rmp_serde::to_vec_named` encodes the app's JSON output (the smallest string format), so the echo's bytes equal
+/// the frame's.
+fn realtime_frame(seq: u64, size: usize, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&[0x81, 0xa4]);
+    out.extend_from_slice(b"data");
+    match size {
+        n if n < 32 => out.push(0xa0 | n as u8),
+        n if n < 256 => out.extend_from_slice(&[0xd9, n as u8]),
+        n if n < 65_536 => {
+            out.push(0xda);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0xdb);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+    }
+    let start = out.len();
+    out.extend(seq.to_string().bytes().take(size));
+    out.resize(start + size, b'x');
+}
+
+/// One session's results.
+#[derive(Default)]
+struct RtSession {
+    connect_us: Option<u64>,
+    /// Round trips of the timed frames, µs.
+    rtt: Vec<u64>,
+    /// When the session stopped timing.
+    end: Option<Instant>,
+    errors: Vec<String>,
+}
+
+/// A short name for an error, to count errors by kind.
+fn rt_error_kind(m: &WsMsg) -> String {
+    match m {
+        WsMsg::Binary(_) => "echo differs from the frame sent".into(),
+        WsMsg::Text(t) => match serde_json::from_str::<Value>(t) {
+            Ok(v) if v.get("type").and_then(Value::as_str) == Some("x-fal-error") => {
+                format!("x-fal-error {}", v["error"].as_str().unwrap_or("?"))
+            }
+            _ => "unexpected text frame".into(),
+        },
+        WsMsg::Close(code, reason) => format!("closed by the server ({} {reason})", code.unwrap_or(0)),
+    }
+}
+
+async fn realtime(a: RealtimeArgs) -> anyhow::Result<()> {
+    check_loopback(&a.url)?;
+    if a.sessions == 0 || a.sessions > 10_000 {
+        bail!("--sessions must be 1 to 10000");
+    }
+    if a.payload_bytes > 16 << 20 {
+        bail!("--payload-bytes must be at most 16 MiB");
+    }
+    let seconds = |what: &str, x: f64| {
+        Duration::try_from_secs_f64(x)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("{what} {x} is not a positive number of seconds"))
+    };
+    let timeout = seconds("--timeout", a.timeout)?;
+    let duration = a.duration.map(|d| seconds("--duration", d)).transpose()?;
+    let base = url::Url::parse(a.url.trim_end_matches('/'))?;
+    let scheme = match base.scheme() {
+        "http" | "ws" => "ws",
+        _ => bail!("plain http:// (ws://) only: this benchmark has no TLS client"),
+    };
+    let app = a.app.trim_matches('/');
+    let mut ws_url = base.clone();
+    ws_url.set_scheme(scheme).map_err(|_| anyhow::anyhow!("cannot make a ws:// URL from {}", a.url))?;
+    ws_url.set_path(&format!("{}/run/{app}/realtime", base.path().trim_end_matches('/')));
+    let authorization = if a.token {
+        let r = client(1)?
+            .post(format!("{}/rest/tokens/", a.url.trim_end_matches('/')))
+            .header("authorization", format!("Key {}", a.key))
+            .json(&json!({"allowed_apps": [app], "token_expiration": 3600}))
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let t = body.as_str().with_context(|| format!("POST /rest/tokens/ answered {status}: {body}"))?;
+        ws_url.query_pairs_mut().append_pair("fal_jwt_token", t);
+        None
+    } else {
+        Some(format!("Key {}", a.key))
+    };
+    let total = a.sessions as u64 * a.frames;
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").unwrap());
+    bar.set_message(format!("{} sessions {}", a.sessions, app));
+    // Every session connects and warms up, then all start timing together.
+    let start = Arc::new(tokio::sync::Barrier::new(a.sessions + 1));
+    let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let mut tasks = Vec::with_capacity(a.sessions);
+    for i in 0..a.sessions {
+        let (url, auth, start, t0, done) =
+            (ws_url.clone(), authorization.clone(), start.clone(), t0.clone(), done.clone());
+        let (frames, warmup, size) = (a.frames, a.warmup_frames, a.payload_bytes);
+        tasks.push(tokio::spawn(async move {
+            let mut res = RtSession::default();
+            let mut frame = Vec::new();
+            // One frame's round trip: Ok(µs), or the error's kind (the session is then closed).
+            async fn round_trip(ws: &mut WsClient, frame: &[u8], timeout: Duration) -> Result<u64, String> {
+                let t = Instant::now();
+                ws.send(0x2, frame).await.map_err(|e| format!("send: {e}"))?;
+                match tokio::time::timeout(timeout, ws.recv()).await {
+                    Err(_) => Err("no echo within --timeout".into()),
+                    Ok(Err(e)) => Err(format!("receive: {e}")),
+                    Ok(Ok(WsMsg::Binary(b))) if b == frame => Ok(t.elapsed().as_micros() as u64),
+                    Ok(Ok(m)) => Err(rt_error_kind(&m)),
+                }
+            }
+            let t = Instant::now();
+            let mut ws =
+                match tokio::time::timeout(timeout, WsClient::connect(&url, auth.as_deref(), i as u64 + 1)).await {
+                    Ok(Ok(ws)) => {
+                        res.connect_us = Some(t.elapsed().as_micros() as u64);
+                        Some(ws)
+                    }
+                    Ok(Err(e)) => {
+                        res.errors.push(format!("connect: {e}"));
+                        None
+                    }
+                    Err(_) => {
+                        res.errors.push("connect: no handshake within --timeout".into());
+                        None
+                    }
+                };
+            for seq in 0..warmup {
+                let Some(w) = ws.as_mut() else { break };
+                realtime_frame(seq, size, &mut frame);
+                if let Err(e) = round_trip(w, &frame, timeout).await {
+                    res.errors.push(format!("warm-up: {e}"));
+                    ws = None;
+                }
+            }
+            start.wait().await;
+            let t0 = *t0.get_or_init(Instant::now);
+            let deadline = duration.map(|d| t0 + d);
+            res.rtt.reserve(frames as usize);
+            for seq in warmup..warmup + frames {
+                let Some(w) = ws.as_mut() else { break };
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                realtime_frame(seq, size, &mut frame);
+                match round_trip(w, &frame, timeout).await {
+                    Ok(us) => res.rtt.push(us),
+                    Err(e) => {
+                        res.errors.push(e);
+                        ws = None;
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            res.end = Some(Instant::now());
+            if let Some(w) = ws {
+                w.close().await;
+            }
+            res
+        }));
+    }
+    start.wait().await;
+    let t0 = *t0.get_or_init(Instant::now);
+    let ticker = {
+        let (bar, done) = (bar.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                bar.set_position(done.load(Ordering::Relaxed));
+            }
+        })
+    };
+    let mut sessions = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        sessions.push(t.await?);
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    let end = sessions.iter().filter_map(|s| s.end).max().unwrap_or(t0);
+    let seconds = end.duration_since(t0).as_secs_f64();
+    let per_session: Vec<f64> = sessions
+        .iter()
+        .filter_map(|s| Some(s.rtt.len() as f64 / s.end?.duration_since(t0).as_secs_f64().max(1e-9)))
+        .collect();
+    let mut kinds = serde_json::Map::new();
+    for e in sessions.iter().flat_map(|s| &s.errors) {
+        let n = kinds.entry(e.clone()).or_insert(json!(0));
+        *n = json!(n.as_u64().unwrap_or(0) + 1);
+    }
+    let frames: usize = sessions.iter().map(|s| s.rtt.len()).sum();
+    let mut frame = Vec::new();
+    realtime_frame(0, a.payload_bytes, &mut frame);
+    let out = json!({
+        "url": ws_url.as_str().split('?').next().unwrap_or(""), "app": app, "sessions": a.sessions,
+        "payload_bytes": a.payload_bytes, "frame_bytes": frame.len(), "warmup_frames": a.warmup_frames,
+        "seconds": seconds, "frames": frames,
+        "errors": sessions.iter().map(|s| s.errors.len()).sum::<usize>(), "error_kinds": kinds,
+        "fps": frames as f64 / seconds.max(1e-9),
+        "fps_per_session": if per_session.is_empty() { Value::Null } else { json!({
+            "mean": per_session.iter().sum::<f64>() / per_session.len() as f64,
+            "min": per_session.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": per_session.iter().copied().fold(0.0, f64::max),
+        })},
+        "rtt": summary(sessions.iter().flat_map(|s| s.rtt.iter().copied()).collect()),
+        "connect": summary(sessions.iter().filter_map(|s| s.connect_us).collect()),
+    });
+    println!("{out}");
+    if frames == 0
+        && let Some(e) = sessions.iter().flat_map(|s| &s.errors).next()
+    {
+        bail!("no frame came back: {e}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        assert_eq!(base64(b"the sample nonce"), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+    }
+
+    /// The hand-made frame is the map {"data": "<seq>xxx…"} in msgpack's smallest encoding, so an echo re-encoded
+    /// by the runner has the same bytes.
+    #[test]
+    fn realtime_frame_is_canonical_msgpack() {
+        let mut f = Vec::new();
+        for size in [0, 1, 31, 32, 255, 256, 65_535, 65_536] {
+            realtime_frame(1234, size, &mut f);
+            let v = rmpv::decode::read_value(&mut f.as_slice()).unwrap();
+            let s = v.as_map().unwrap()[0].1.as_str().unwrap().to_string();
+            assert_eq!(v.as_map().unwrap()[0].0.as_str(), Some("data"));
+            assert_eq!(s.len(), size);
+            assert!(s.starts_with(&"1234"[..size.min(4)]) && s[size.min(4)..].bytes().all(|b| b == b'x'));
+            let mut again = Vec::new();
+            rmpv::encode::write_value(&mut again, &v).unwrap();
+            assert_eq!(again, f, "size {size}");
+        }
+    }
 }
