@@ -11,6 +11,9 @@ use crate::error::{ApiError, ErrorType};
 pub enum AppKind {
     /// A Rust model from `darkroom-models`, run in a runner process of this binary.
     Builtin,
+    /// A deployed app that is its own HTTP server (a `darkroom.toml` manifest, or a `fal.App` through Darkroom's
+    /// launcher), run by the runner's `http` executor.
+    Http,
 }
 
 /// An app as the registry knows it.

@@ -220,6 +220,8 @@ pub enum StopReason {
     PullTimeout,
     /// Idle, and stopped to make room for another app's runner (least recently used first).
     Evicted,
+    /// Its app was redeployed or removed: it finishes what it holds; new runners run the new version.
+    Redeployed,
 }
 
 impl StopReason {
@@ -230,6 +232,7 @@ impl StopReason {
             StopReason::StartupTimeout => "startup_timeout",
             StopReason::PullTimeout => "pull_timeout",
             StopReason::Evicted => "evicted",
+            StopReason::Redeployed => "redeployed",
         }
     }
 }

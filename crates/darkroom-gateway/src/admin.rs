@@ -25,7 +25,7 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/v1/runners", get(list_runners))
         .route("/v1/requests", get(list_requests))
         .route("/v1/requests/{id}", get(show_request).delete(delete_request))
-        .route("/v1/apps", get(list_apps))
+        .route("/v1/apps", get(list_apps).post(crate::deploy::deploy))
         .route("/v1/apps/{owner}/{alias}/scale", get(get_scale).patch(patch_scale).delete(reset_scale))
 }
 
@@ -261,8 +261,8 @@ async fn list_requests(
 
 async fn list_apps(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     gw.authenticate(&headers).await?;
-    let mut apps: Vec<Value> = gw
-        .apps
+    let all = gw.apps.all();
+    let mut apps: Vec<Value> = all
         .values()
         .map(|a| {
             json!({"id": a.spec.id, "title": a.spec.title, "description": a.spec.description, "kind": a.spec.kind,

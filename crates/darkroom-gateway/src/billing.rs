@@ -376,10 +376,7 @@ pub fn pricing_json(gw: &Gateway, spec: &AppSpec) -> Value {
            "runner_second_price": p.runner_second_price, "currency": gw.cfg.prices.currency})
 }
 
-fn app_for_endpoint<'a>(
-    gw: &'a Gateway,
-    endpoint: &str,
-) -> ApiResult<(&'a Arc<darkroom_core::app::CompiledApp>, String)> {
+fn app_for_endpoint<'a>(gw: &'a Gateway, endpoint: &str) -> ApiResult<(Arc<darkroom_core::app::CompiledApp>, String)> {
     let segs: Vec<&str> = endpoint.trim_matches('/').split('/').collect();
     let (app_ref, rest) = darkroom_core::ids::split_endpoint(&segs).map_err(|_| {
         err(
@@ -401,7 +398,7 @@ async fn pricing(State(gw): State<Arc<Gateway>>, headers: HeaderMap, RawQuery(q)
     let pairs = query_pairs(&q);
     let mut ids = many(&pairs, "endpoint_id");
     if ids.is_empty() {
-        let mut all: Vec<_> = gw.apps.values().flat_map(|a| crate::catalog::endpoint_ids(&a.spec)).collect();
+        let mut all: Vec<_> = gw.apps.all().values().flat_map(|a| crate::catalog::endpoint_ids(&a.spec)).collect();
         all.sort();
         ids = all;
     }

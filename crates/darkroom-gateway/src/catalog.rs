@@ -169,7 +169,8 @@ async fn search(
     let with_schemas = expand.iter().any(|e| e == "schemas");
     let with_openapi = expand.iter().any(|e| e == "openapi-3.0" || e == "openapi");
 
-    let mut apps: Vec<&Arc<CompiledApp>> = gw.apps.values().collect();
+    let all = gw.apps.all();
+    let mut apps: Vec<&Arc<CompiledApp>> = all.values().collect();
     apps.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
     let mut found = Vec::new();
     for a in apps {
@@ -210,7 +211,7 @@ async fn search(
 
 fn find_app(gw: &Gateway, owner: &str, alias: &str) -> ApiResult<Arc<CompiledApp>> {
     let r = AppRef::parse(&format!("{owner}/{alias}")).map_err(ApiErr)?;
-    gw.apps.get(&r.id()).cloned().ok_or_else(|| err(ErrorType::AppNotFound, format!("App '{}' not found", r.id())))
+    gw.apps.get(&r.id()).ok_or_else(|| err(ErrorType::AppNotFound, format!("App '{}' not found", r.id())))
 }
 
 /// `GET /v1/models/{owner}/{alias}`.

@@ -42,6 +42,8 @@ pub struct LocalRunners {
     pub stop_grace: Duration,
     /// How long a runner may stay in PULL (fetching weights); `startup_timeout` counts from the end of PULL.
     pub pull_timeout: Duration,
+    /// Where deployed apps' code is unpacked and their Python environments are built (`bundles/`, `envs/`).
+    pub work_dir: PathBuf,
 }
 
 impl std::fmt::Debug for LocalRunners {
@@ -116,6 +118,35 @@ impl Fleet {
         for (id, knobs) in specs {
             k.insert(id, (knobs, ScalingPatch::default()));
         }
+    }
+
+    /// Registers (or replaces) a deployed app's knobs, keeping its run-time patch.
+    pub(crate) fn register(&self, app_id: &str, knobs: ScalingKnobs) {
+        let mut k = self.knobs.lock().unwrap();
+        let patch = k.remove(app_id).map(|(_, p)| p).unwrap_or_default();
+        k.insert(app_id.to_string(), (knobs, patch));
+        drop(k);
+        self.kick();
+    }
+
+    /// Stops every runner of an app (each finishes what it holds): its code changed or it was removed.
+    pub(crate) fn retire(&self, gw: &Gateway, app_id: &str, reason: StopReason) {
+        let ids: Vec<String> = self
+            .slots
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.app_id == app_id && matches!(s.state, SlotState::Pending | SlotState::Started))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            stop_slot(gw, &id, reason, false);
+        }
+        if !gw.apps.contains_key(app_id) {
+            self.knobs.lock().unwrap().remove(app_id);
+            self.backoff.lock().unwrap().remove(app_id);
+        }
+        self.kick();
     }
 
     /// The app's knobs in effect (defaults for an unknown app).
@@ -316,7 +347,7 @@ async fn run(gw: Arc<Gateway>) {
             tracing::error!(error = %e, "fleet tick failed");
         }
         let list = gw.fleet.list(&gw);
-        metrics::set_runner_states(gw.apps.keys(), &list);
+        metrics::set_runner_states(gw.apps.ids().iter(), &list);
     }
 }
 
@@ -431,8 +462,8 @@ async fn tick(gw: &Arc<Gateway>, now: Millis) -> Result<(), darkroom_store::Stor
     }
     let depths: HashMap<String, darkroom_store::AppDepth> =
         gw.store.app_depths().await?.into_iter().map(|d| (d.app_id.clone(), d)).collect();
-    let mut apps: Vec<&String> = gw.apps.keys().collect();
-    apps.sort();
+    let app_ids = gw.apps.ids();
+    let apps: Vec<&String> = app_ids.iter().collect();
     // Runners stuck fetching weights.
     let pulling: Vec<String> = gw
         .hub
@@ -675,8 +706,32 @@ async fn spawn_slot(
     if !still_wanted || gw.fleet.draining.load(Ordering::SeqCst) {
         return;
     }
+    // A deployed app: its code unpacked here, its manifest and the secrets in the runner's environment.
+    let deployed = match gw.apps.get(app_id).map(|a| a.spec.kind) {
+        Some(darkroom_core::app::AppKind::Http) => match crate::deploy::runner_app(gw, &local.work_dir, app_id).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(app = %app_id, error = %e, "cannot start a runner of a deployed app");
+                if let Some(s) = gw.fleet.slots.lock().unwrap().get_mut(slot_id) {
+                    s.state = SlotState::Terminated;
+                    s.ended_at = Some(gw.now());
+                    s.reason = Some(format!("could not start: {e}"));
+                }
+                bump_backoff(gw, app_id, None);
+                return;
+            }
+        },
+        _ => None,
+    };
     let mut cmd = tokio::process::Command::new(&local.exe);
     cmd.arg("runner").arg("--gateway").arg(&local.gateway_url).arg("--app").arg(app_id).arg("--parent-stdin");
+    if let Some(d) = &deployed {
+        cmd.arg("--app-dir")
+            .arg(&d.dir)
+            .env("DARKROOM_APP_MANIFEST", &d.manifest_json)
+            .env("DARKROOM_APP_SECRETS", &d.secrets_json)
+            .env("DARKROOM_ENV_CACHE", local.work_dir.join("envs"));
+    }
     if let Some(ca) = &local.ca_cert {
         cmd.arg("--ca-cert").arg(ca);
     }

@@ -176,6 +176,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/fal/proxy", any(crate::proxy::handle))
         .route("/{owner}/{alias}/openapi.json", get(crate::openapi::root_app_openapi))
         .merge(crate::admin::router())
+        .merge(crate::deploy::router())
         .merge(crate::webhooks::router())
         .merge(crate::files::router())
         .merge(crate::catalog::router())

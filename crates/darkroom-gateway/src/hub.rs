@@ -92,6 +92,8 @@ pub struct Hub {
     kicks: Mutex<HashMap<String, Arc<Notify>>>,
     /// Set while the gateway drains (SIGTERM): nothing new is assigned.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Apps with a running dispatcher; None until [`start_dispatchers`] (apps registered before wait for it).
+    dispatching: Mutex<Option<std::collections::HashSet<String>>>,
 }
 
 impl Conn {
@@ -287,14 +289,34 @@ impl Hub {
 
 /// Starts the dispatcher of every registered app.
 pub fn start_dispatchers(gw: &Arc<Gateway>) {
-    for app_id in gw.apps.keys() {
+    gw.hub.dispatching.lock().unwrap().get_or_insert_default();
+    for app_id in gw.apps.ids().iter() {
+        ensure_dispatcher(gw, app_id);
+    }
+}
+
+/// Starts an app's dispatcher unless it runs (an app deployed at run time), once dispatchers are started.
+pub(crate) fn ensure_dispatcher(gw: &Arc<Gateway>, app_id: &str) {
+    let mut d = gw.hub.dispatching.lock().unwrap();
+    let Some(set) = d.as_mut() else { return };
+    if set.insert(app_id.to_string()) {
         let notify = gw.hub.notify_for(app_id);
-        tokio::spawn(dispatcher(gw.clone(), app_id.clone(), notify));
+        tokio::spawn(dispatcher(gw.clone(), app_id.to_string(), notify));
     }
 }
 
 async fn dispatcher(gw: Arc<Gateway>, app_id: String, notify: Arc<Notify>) {
     loop {
+        if !gw.apps.contains_key(&app_id) {
+            // Removed: a redeploy under the same id starts a new dispatcher.
+            let mut d = gw.hub.dispatching.lock().unwrap();
+            if !gw.apps.contains_key(&app_id) {
+                if let Some(set) = d.as_mut() {
+                    set.remove(&app_id);
+                }
+                return;
+            }
+        }
         if let Err(e) = dispatch_app(&gw, &app_id).await {
             if gw.shutdown.is_cancelled() {
                 return;
@@ -458,7 +480,9 @@ pub async fn connect(
         return err(ErrorType::InvalidRequest, "This endpoint is a WebSocket: connect with an Upgrade request")
             .into_response();
     };
-    ws.max_message_size(64 << 20).on_upgrade(move |socket| serve_runner(gw, socket, rec.app_id))
+    ws.max_message_size(64 << 20)
+        .read_buffer_size(8 << 10)
+        .on_upgrade(move |socket| serve_runner(gw, socket, rec.app_id))
 }
 
 fn send_frame(f: &GatewayFrame) -> Message {

@@ -23,7 +23,9 @@ pub mod auth;
 pub mod billing;
 pub mod catalog;
 pub mod cluster;
+pub mod deploy;
 pub mod error;
+pub mod falapp;
 pub mod files;
 pub mod fleet;
 pub mod http;
@@ -101,6 +103,8 @@ pub struct GatewayConfig {
     pub realtime_idle_timeout: Duration,
     /// How long a realtime connection waits for a runner of its app to become ready.
     pub realtime_start_timeout: Duration,
+    /// The Python with the `fal` SDK that reads a `fal.App`'s settings at deploy time (runners get their own).
+    pub python: String,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -149,7 +153,54 @@ impl Default for GatewayConfig {
             prices: Default::default(),
             realtime_idle_timeout: Duration::from_secs(60),
             realtime_start_timeout: Duration::from_secs(300),
+            python: "python3".into(),
         }
+    }
+}
+
+/// The apps this gateway serves: a snapshot map swapped on each change, so readers never wait on a deploy.
+pub struct AppRegistry {
+    map: std::sync::RwLock<Arc<HashMap<String, Arc<CompiledApp>>>>,
+}
+
+impl AppRegistry {
+    pub fn new(apps: HashMap<String, Arc<CompiledApp>>) -> AppRegistry {
+        AppRegistry { map: std::sync::RwLock::new(Arc::new(apps)) }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<CompiledApp>> {
+        self.map.read().unwrap().get(id).cloned()
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.map.read().unwrap().contains_key(id)
+    }
+
+    /// Every app now.
+    pub fn all(&self) -> Arc<HashMap<String, Arc<CompiledApp>>> {
+        self.map.read().unwrap().clone()
+    }
+
+    /// Every app id, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.map.read().unwrap().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    pub(crate) fn insert(&self, app: Arc<CompiledApp>) {
+        let mut m = self.map.write().unwrap();
+        let mut next = (**m).clone();
+        next.insert(app.spec.id.clone(), app);
+        *m = Arc::new(next);
+    }
+
+    pub(crate) fn remove(&self, id: &str) -> Option<Arc<CompiledApp>> {
+        let mut m = self.map.write().unwrap();
+        let mut next = (**m).clone();
+        let old = next.remove(id);
+        *m = Arc::new(next);
+        old
     }
 }
 
@@ -168,7 +219,10 @@ pub struct Gateway {
     pub boot_id: String,
     /// When this gateway started.
     pub started_at: Millis,
-    pub apps: HashMap<String, Arc<CompiledApp>>,
+    /// Built-in apps and deployed ones (deploys and removals change it at run time).
+    pub apps: AppRegistry,
+    /// Deployed apps' records (code bundle, manifest, version).
+    pub deployments: deploy::Deployments,
     pub hub: hub::Hub,
     /// Scaling knobs, local runner processes, the autoscaler.
     pub fleet: fleet::Fleet,
@@ -265,7 +319,8 @@ impl Gateway {
             clock,
             boot_id,
             started_at: now,
-            apps: compiled,
+            apps: AppRegistry::new(compiled),
+            deployments: Default::default(),
             hub: hub::Hub::default(),
             fleet: fleet::Fleet::default(),
             keys: auth::KeyCache::default(),
@@ -287,10 +342,11 @@ impl Gateway {
             router: OnceLock::new(),
         });
         webhooks::load_keys(&gw).await?;
-        gw.fleet.init(gw.apps.values().map(|a| (a.spec.id.clone(), a.spec.scaling.clone())));
+        gw.fleet.init(gw.apps.all().values().map(|a| (a.spec.id.clone(), a.spec.scaling.clone())));
+        deploy::load(&gw).await?;
         if gw.cfg.reset_scale {
-            for app in gw.apps.keys() {
-                gw.store.set_app_scaling(app, None, now).await?;
+            for app in gw.apps.ids() {
+                gw.store.set_app_scaling(&app, None, now).await?;
             }
             tracing::info!("run-time scaling changes reset to the apps' deployed knobs");
         }
@@ -501,7 +557,7 @@ impl Gateway {
             }
             let now = self.now();
             if let Ok(depths) = self.store.app_depths().await {
-                metrics::set_depths(&self.apps, &depths);
+                metrics::set_depths(&self.apps.all(), &depths);
             }
             if !self.is_leader() {
                 // Another gateway sweeps the shared store.

@@ -69,6 +69,15 @@ pub fn app_openapi(gw: &Gateway, app: &AppRef) -> ApiResult<Response> {
 /// An app's OpenAPI document; None for an unknown app.
 pub fn app_openapi_doc(gw: &Gateway, app_id: &str) -> Option<Value> {
     let a = gw.apps.get(app_id)?;
+    // A deployed fal app: its own document, read at deploy time.
+    if let Some(d) = gw.deployments.get(app_id)
+        && let Ok(m) = serde_json::from_str::<Value>(&d.manifest)
+        && let Some(doc) = m["fal"]["openapi"].as_object()
+    {
+        let mut doc = Value::Object(doc.clone());
+        doc["info"]["x-darkroom-app-id"] = json!(app_id);
+        return Some(doc);
+    }
     let mut defs = Map::new();
     let input = hoist(&a.spec.input_schema, &mut defs);
     let output = hoist(&a.spec.output_schema, &mut defs);

@@ -74,7 +74,7 @@ pub async fn enqueue_request_with(
     mode: JobMode,
     before_enqueue: impl FnOnce(&str),
 ) -> ApiResult<(Arc<CompiledApp>, JobRecord)> {
-    let Some(compiled) = gw.apps.get(&app.id()).cloned() else {
+    let Some(compiled) = gw.apps.get(&app.id()) else {
         return Err(err(ErrorType::AppNotFound, format!("App '{}' not found", app.id())));
     };
     if !compiled.has_path(path) {

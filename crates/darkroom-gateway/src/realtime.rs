@@ -237,7 +237,10 @@ async fn open(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts, target:
         .map_err(|e| err(ErrorType::InvalidRequest, format!("Not a WebSocket upgrade: {e}")))?;
     let gw = gw.clone();
     tracing::info!(app = %app_id, owner = %who.owner_id, "realtime session requested");
-    Ok(ws.max_message_size(64 << 20).on_upgrade(move |socket| session(gw, socket, app_id, path, max_buffering)))
+    Ok(ws
+        .max_message_size(64 << 20)
+        .read_buffer_size(8 << 10)
+        .on_upgrade(move |socket| session(gw, socket, app_id, path, max_buffering)))
 }
 
 fn error_text(error: &str, reason: &str) -> Message {
@@ -427,7 +430,7 @@ async fn http_over_ws(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts,
         .map_err(|e| err(ErrorType::InvalidRequest, format!("Not a WebSocket upgrade: {e}")))?;
     let run_path = if path.is_empty() { format!("/run/{app_id}") } else { format!("/run/{app_id}/{path}") };
     let gw = gw.clone();
-    Ok(ws.max_message_size(64 << 20).on_upgrade(move |mut socket| async move {
+    Ok(ws.max_message_size(64 << 20).read_buffer_size(8 << 10).on_upgrade(move |mut socket| async move {
         use tower::ServiceExt;
         let payload = |m: Message| match m {
             Message::Text(t) => Some(axum::body::Bytes::from(t.to_string())),

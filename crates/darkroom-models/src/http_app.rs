@@ -150,6 +150,56 @@ pub struct HttpAppManifest {
     pub scaling: ScalingSection,
     #[serde(default)]
     pub billing: BillingSection,
+    /// `[python]`: the app runs in its own Python environment with these requirements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonSection>,
+    /// `[fal]`: a `fal.App` served by Darkroom's launcher (set by `darkroom apps deploy file.py::Class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fal: Option<FalSection>,
+}
+
+/// `[python]`: a Python environment built for the app, one per set of requirements, cached and shared by the
+/// apps that ask for the same. It sees the packages of the base Python (DARKROOM_PYTHON) below its own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonSection {
+    /// pip requirement specifiers.
+    #[serde(default)]
+    pub requirements: Vec<String>,
+}
+
+/// `[fal]`: the `fal.App` class the launcher serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FalSection {
+    /// `path/to/file.py::ClassName`, relative to the app's folder.
+    pub entry: String,
+    /// The app's OpenAPI document, as its FastAPI app describes it (read at deploy time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openapi: Option<Value>,
+}
+
+impl FalSection {
+    /// (file, class) of a valid entry.
+    pub fn parse_entry(entry: &str) -> Result<(String, String), String> {
+        let (file, class) = entry.split_once("::").ok_or("must be file.py::ClassName")?;
+        let file_ok = file.ends_with(".py")
+            && !file.starts_with('/')
+            && file.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
+            && !file.chars().any(|c| c.is_control());
+        if !file_ok {
+            return Err(format!(
+                "'{}' must be a relative path to a .py file inside the app's folder",
+                file.escape_default()
+            ));
+        }
+        let class_ok = class.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && class.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !class_ok {
+            return Err(format!("'{}' is not a Python class name", class.escape_default()));
+        }
+        Ok((file.to_string(), class.to_string()))
+    }
 }
 
 /// `[app]`: identity and catalog entry.
@@ -312,7 +362,20 @@ impl HttpAppManifest {
             }
         }
         let r = &self.run;
+        if let Some(f) = &self.fal
+            && let Err(e) = FalSection::parse_entry(&f.entry)
+        {
+            bad.push(format!("fal.entry: {e}"));
+        }
+        if let Some(py) = &self.python
+            && (py.requirements.len() > 500
+                || py.requirements.iter().any(|r| r.trim().is_empty() || r.len() > 1000 || r.contains(['\0', '\n'])))
+        {
+            bad.push("python.requirements: at most 500 requirement specifiers, one line each".to_string());
+        }
         match r.command.first() {
+            // The launcher is the command of a fal app.
+            None if self.fal.is_some() => {}
             None => bad.push("run.command: must name a program".to_string()),
             Some(p) if p.is_empty() => bad.push("run.command: the program must not be empty".to_string()),
             Some(_) => {}
@@ -396,8 +459,7 @@ impl HttpAppManifest {
             id: a.id.clone(),
             title: a.title.clone(),
             description: a.description.clone(),
-            // TODO(serverless): `AppKind::Http` once the registry knows apps that are not built in.
-            kind: AppKind::Builtin,
+            kind: AppKind::Http,
             paths: a.endpoints.clone(),
             input_schema: json!({"type": "object"}),
             output_schema: json!({"type": "object"}),
@@ -483,6 +545,7 @@ fn check_env_name(k: &str) -> Result<(), String> {
 fn child_env(
     parent: impl IntoIterator<Item = (OsString, OsString)>,
     manifest: &HttpAppManifest,
+    extra: &BTreeMap<String, String>,
     port: u16,
 ) -> BTreeMap<OsString, OsString> {
     let mut env: BTreeMap<OsString, OsString> = parent
@@ -490,7 +553,7 @@ fn child_env(
         .filter(|(k, _)| k.to_str().is_some_and(|k| INHERITED_ENV.contains(&k) || k.starts_with("LC_")))
         .collect();
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
-    for (k, v) in &manifest.run.env {
+    for (k, v) in manifest.run.env.iter().chain(extra) {
         env.insert(k.into(), v.into());
     }
     env.insert("HOST".into(), "127.0.0.1".into());
@@ -515,6 +578,10 @@ pub struct HttpApp {
     manifest: HttpAppManifest,
     knobs: ScalingKnobs,
     dir: PathBuf,
+    /// Variables the runner adds (secrets, the toolkit's upload settings), after the manifest's `env`.
+    extra_env: BTreeMap<String, String>,
+    /// Where `[python]` environments are built, and the base Python they sit on.
+    env_cache: Option<(PathBuf, String)>,
     logs: Arc<LogRouter>,
     /// Set once the app answered its health check.
     running: OnceLock<Running>,
@@ -557,6 +624,8 @@ impl HttpApp {
             manifest,
             knobs,
             dir: dir.into(),
+            extra_env: BTreeMap::new(),
+            env_cache: None,
             logs,
             running: OnceLock::new(),
             setup_outcome: tokio::sync::Mutex::new(None),
@@ -571,6 +640,52 @@ impl HttpApp {
         let text = std::fs::read_to_string(&file).map_err(|e| format!("could not read {}: {e}", file.display()))?;
         let manifest = HttpAppManifest::from_toml(&text).map_err(|e| format!("{}: {e}", file.display()))?;
         Ok(HttpApp::new(manifest, dir))
+    }
+
+    /// Adds variables to the app's environment (after the manifest's `env`; `HOST`, `PORT` and `DARKROOM_APP_ID`
+    /// still win). Their values are never logged.
+    pub fn with_env(mut self, env: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.extra_env.extend(env);
+        self
+    }
+
+    /// Where `[python]` (and `[fal]`) apps get their environments built, on which base Python (default: under
+    /// `~/.cache/darkroom/envs`, on `python3`).
+    pub fn with_env_cache(mut self, cache: impl Into<PathBuf>, python: impl Into<String>) -> Self {
+        self.env_cache = Some((cache.into(), python.into()));
+        self
+    }
+
+    /// The command to start, and variables it needs: a `[python]` app's environment is built first (PULL), and a
+    /// `[fal]` app runs Darkroom's launcher in it.
+    async fn resolve_command(&self, report: &SetupReporter) -> Result<(Vec<String>, BTreeMap<String, String>), String> {
+        let m = &self.manifest;
+        if m.python.is_none() && m.fal.is_none() {
+            return Ok((m.run.command.clone(), BTreeMap::new()));
+        }
+        let (cache, base) = match &self.env_cache {
+            Some((c, b)) => (c.clone(), b.clone()),
+            None => {
+                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+                (home.join(".cache/darkroom/envs"), "python3".to_string())
+            }
+        };
+        let reqs = m.python.as_ref().map(|p| p.requirements.clone()).unwrap_or_default();
+        let install = Duration::from_secs(self.knobs.startup_timeout.max(600));
+        let env = crate::pyenv::ensure(&base, &cache, &reqs, report, install).await?;
+        let mut vars = BTreeMap::new();
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+        vars.insert("PATH".to_string(), format!("{}:{path}", env.bin.display()));
+        vars.insert("VIRTUAL_ENV".to_string(), env.dir.display().to_string());
+        let command = match &m.fal {
+            Some(f) => {
+                let (file, class) = FalSection::parse_entry(&f.entry)?;
+                let launcher = crate::pyenv::launcher(&env).await?;
+                vec![env.python.display().to_string(), launcher.display().to_string(), "serve".to_string(), file, class]
+            }
+            None => m.run.command.clone(),
+        };
+        Ok((command, vars))
     }
 
     pub fn manifest(&self) -> &HttpAppManifest {
@@ -608,15 +723,17 @@ impl HttpApp {
         if !dir.is_dir() {
             return Err(format!("the app's directory {} is not a directory", dir.display()));
         }
-        let Some(program) = run.command.first() else {
+        let (command, mut env_vars) = self.resolve_command(report).await?;
+        let Some(program) = command.first() else {
             return Err("run.command names no program".into());
         };
+        env_vars.extend(self.extra_env.clone());
         let port = free_port()?;
         let mut cmd = tokio::process::Command::new(program_path(&dir, program));
-        cmd.args(&run.command[1..])
+        cmd.args(&command[1..])
             .current_dir(&dir)
             .env_clear()
-            .envs(child_env(std::env::vars_os(), &self.manifest, port))
+            .envs(child_env(std::env::vars_os(), &self.manifest, &env_vars, port))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -629,9 +746,9 @@ impl HttpApp {
                 Ok(())
             });
         }
-        report.stage(SetupStage::Setup, format!("starting `{}` on 127.0.0.1:{port}", self.command_line()));
-        let mut child =
-            cmd.spawn().map_err(|e| format!("could not start `{}` in {}: {e}", self.command_line(), dir.display()))?;
+        let line = command.join(" ");
+        report.stage(SetupStage::Setup, format!("starting `{line}` on 127.0.0.1:{port}"));
+        let mut child = cmd.spawn().map_err(|e| format!("could not start `{line}` in {}: {e}", dir.display()))?;
         let pid = child.id();
         tracing::info!(app = %self.manifest.app.id, pid, port, "started the app's server");
 
@@ -1302,7 +1419,7 @@ mod tests {
         let spec = m.spec();
         assert_eq!(spec.id, "acme/echo");
         assert_eq!(spec.paths, vec!["", "fast"]);
-        assert_eq!(spec.kind, AppKind::Builtin);
+        assert_eq!(spec.kind, AppKind::Http);
         assert_eq!(spec.scaling.max_multiplexing, 4);
         assert_eq!(spec.scaling.keep_alive, 120);
         assert_eq!(spec.scaling.gpu_memory_mb, 8000);
@@ -1372,7 +1489,7 @@ mod tests {
             ("HOST", "0.0.0.0"),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        let env = child_env(parent, &m, 4321);
+        let env = child_env(parent, &m, &BTreeMap::from([("HF_TOKEN".to_string(), "s3cret".to_string())]), 4321);
         let get = |k: &str| env.get(&OsString::from(k)).map(|v| v.to_string_lossy().into_owned());
         assert_eq!(get("PATH").as_deref(), Some("/usr/bin"));
         assert_eq!(get("LC_ALL").as_deref(), Some("C.UTF-8"));
@@ -1383,6 +1500,7 @@ mod tests {
         assert_eq!(get("DARKROOM_APP_ID").as_deref(), Some("acme/echo"));
         assert_eq!(get("MODEL").as_deref(), Some("small"));
         assert_eq!(get("PYTHONUNBUFFERED").as_deref(), Some("0"));
+        assert_eq!(get("HF_TOKEN").as_deref(), Some("s3cret"));
         assert_eq!(program_path(Path::new("/app"), "./serve.sh"), PathBuf::from("/app/./serve.sh"));
         assert_eq!(program_path(Path::new("/app"), "python3"), PathBuf::from("python3"));
         assert_eq!(cancel_url(1, ""), "http://127.0.0.1:1/cancel");

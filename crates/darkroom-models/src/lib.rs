@@ -15,6 +15,7 @@ pub mod files;
 pub mod http_app;
 pub mod image_utils;
 pub mod piper;
+pub mod pyenv;
 pub mod store;
 pub mod whisper;
 

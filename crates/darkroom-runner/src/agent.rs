@@ -37,6 +37,8 @@ pub struct RunnerConfig {
     pub local_storage: Option<(darkroom_storage::Storage, darkroom_storage::Signer)>,
     /// The fleet slot, for runners the gateway started (`DARKROOM_RUNNER_SLOT`).
     pub slot: Option<String>,
+    /// A deployed app's folder: serve it with the `http` executor instead of a built-in model.
+    pub app_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RunnerConfig {
@@ -80,10 +82,40 @@ impl Phase {
     }
 }
 
+/// A deployed app: the manifest from `DARKROOM_APP_MANIFEST` (JSON) or the folder's `darkroom.toml`, secrets from
+/// `DARKROOM_APP_SECRETS` (a JSON object), environments under `DARKROOM_ENV_CACHE` on `DARKROOM_PYTHON`.
+fn deployed_app(app_id: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn Model>> {
+    use darkroom_models::http_app::{HttpApp, HttpAppManifest};
+    let app = match std::env::var("DARKROOM_APP_MANIFEST") {
+        Ok(json) => {
+            let mut m: HttpAppManifest = serde_json::from_str(&json).context("DARKROOM_APP_MANIFEST")?;
+            m.normalize();
+            m.validate().map_err(|e| anyhow::anyhow!("DARKROOM_APP_MANIFEST: {e}"))?;
+            HttpApp::new(m, dir)
+        }
+        Err(_) => HttpApp::from_dir(dir).map_err(anyhow::Error::msg)?,
+    };
+    if app.manifest().app.id != app_id {
+        bail!("the folder holds app '{}', not '{app_id}'", app.manifest().app.id);
+    }
+    let secrets: std::collections::BTreeMap<String, String> = match std::env::var("DARKROOM_APP_SECRETS") {
+        Ok(json) => serde_json::from_str(&json).context("DARKROOM_APP_SECRETS")?,
+        Err(_) => Default::default(),
+    };
+    let mut app = app.with_env(secrets);
+    if let Ok(cache) = std::env::var("DARKROOM_ENV_CACHE") {
+        app = app.with_env_cache(cache, std::env::var("DARKROOM_PYTHON").unwrap_or_else(|_| "python3".into()));
+    }
+    Ok(Arc::new(app))
+}
+
 /// Runs until the gateway refuses us, SIGTERM has drained us, or (with `parent_stdin`) the parent goes away.
 pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
-    let model = darkroom_models::load_builtin(&cfg.app_id)
-        .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?;
+    let model = match &cfg.app_dir {
+        Some(dir) => deployed_app(&cfg.app_id, dir)?,
+        None => darkroom_models::load_builtin(&cfg.app_id)
+            .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?,
+    };
     // Setup (weights, loading) runs while the control channel comes up, so the gateway sees PULL and SETUP.
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Setup(String::new()));
     {
@@ -281,6 +313,8 @@ async fn connect_and_serve(
         draining = true;
         let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });
     }
+    // Once setup's sender is gone, `changed()` returns at once forever: stop polling it.
+    let mut phase_open = true;
     let result = loop {
         if let Phase::Failed(e) = &*phase.borrow() {
             // The failed state (queued above or below) goes out with the flush after the loop.
@@ -294,8 +328,8 @@ async fn connect_and_serve(
                 draining = true;
                 let _ = out_tx.send(RunnerFrame::State { state: "draining".into(), message: None });
             }
-            changed = phase.changed() => {
-                if changed.is_err() { continue; }
+            changed = phase.changed(), if phase_open => {
+                if changed.is_err() { phase_open = false; continue; }
                 let (state, message) = phase.borrow_and_update().wire();
                 let _ = out_tx.send(RunnerFrame::State { state: state.into(), message });
             }

@@ -15,6 +15,7 @@ use darkroom_core::job::{JobRecord, LogEntry, NewJob, Outcome};
 #[macro_use]
 mod rows;
 pub mod conformance;
+pub mod deploy;
 mod index;
 pub mod migrate;
 pub mod pg;
@@ -23,6 +24,7 @@ pub mod testing;
 pub mod usage;
 mod writer;
 
+pub use deploy::{DeploymentRecord, SecretRecord};
 pub use index::JobBrief;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
@@ -495,4 +497,14 @@ pub trait Store: Send + Sync + 'static {
     /// False if the owner had none.
     async fn delete_budget(&self, owner_id: &str) -> StoreResult<bool>;
     async fn list_budgets(&self, owner_id: Option<&str>) -> StoreResult<Vec<Budget>>;
+
+    /// Inserts or replaces a deployed app. With `expect_version`, only if its stored version is that (0: none
+    /// stored yet); returns false when it was not (a concurrent deploy won).
+    async fn put_deployment(&self, d: &DeploymentRecord, expect_version: Option<i64>) -> StoreResult<bool>;
+    async fn get_deployment(&self, app_id: &str) -> StoreResult<Option<DeploymentRecord>>;
+    async fn list_deployments(&self) -> StoreResult<Vec<DeploymentRecord>>;
+    async fn delete_deployment(&self, app_id: &str) -> StoreResult<bool>;
+    async fn set_secret(&self, s: &SecretRecord) -> StoreResult<()>;
+    async fn list_secrets(&self) -> StoreResult<Vec<SecretRecord>>;
+    async fn delete_secret(&self, name: &str) -> StoreResult<bool>;
 }

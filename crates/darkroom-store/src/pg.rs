@@ -1335,4 +1335,111 @@ impl Store for PgStore {
         .await?;
         rows.iter().map(|r| Ok(crate::usage::budget_from_row!(r))).collect()
     }
+
+    async fn put_deployment(&self, d: &DeploymentRecord, expect_version: Option<i64>) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        if let Some(expect) = expect_version {
+            let cur: Option<i64> = sqlx::query_scalar("SELECT version FROM deployments WHERE app_id = $1 FOR UPDATE")
+                .bind(&d.app_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if cur.unwrap_or(0) != expect {
+                return Ok(false);
+            }
+        }
+        let res = sqlx::query(
+            "INSERT INTO deployments (app_id, owner_id, version, spec, manifest, bundle_digest, bundle_size, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (app_id) DO UPDATE SET owner_id = excluded.owner_id, version = excluded.version, \
+             spec = excluded.spec, manifest = excluded.manifest, bundle_digest = excluded.bundle_digest, \
+             bundle_size = excluded.bundle_size, updated_at = excluded.updated_at",
+        )
+        .bind(&d.app_id)
+        .bind(&d.owner_id)
+        .bind(d.version)
+        .bind(&d.spec)
+        .bind(&d.manifest)
+        .bind(&d.bundle_digest)
+        .bind(d.bundle_size)
+        .bind(d.created_at)
+        .bind(d.updated_at)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Ok(_) => {}
+            // Two first deploys raced: the other one won.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") && expect_version.is_some() => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_deployment(&self, app_id: &str) -> StoreResult<Option<DeploymentRecord>> {
+        let row = sqlx::query(
+            "SELECT app_id, owner_id, version, spec, manifest, bundle_digest, bundle_size, created_at, updated_at \
+             FROM deployments WHERE app_id = $1",
+        )
+        .bind(app_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(crate::deploy::deployment_from_row!(&r)),
+            None => None,
+        })
+    }
+
+    async fn list_deployments(&self) -> StoreResult<Vec<DeploymentRecord>> {
+        let rows = sqlx::query(
+            "SELECT app_id, owner_id, version, spec, manifest, bundle_digest, bundle_size, created_at, updated_at \
+             FROM deployments ORDER BY app_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(crate::deploy::deployment_from_row!(r))).collect()
+    }
+
+    async fn delete_deployment(&self, app_id: &str) -> StoreResult<bool> {
+        let n = sqlx::query("DELETE FROM deployments WHERE app_id = $1")
+            .bind(app_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn set_secret(&self, sec: &SecretRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO secrets (name, value, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) \
+             DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(&sec.name)
+        .bind(&sec.sealed)
+        .bind(sec.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_secrets(&self) -> StoreResult<Vec<SecretRecord>> {
+        let rows =
+            sqlx::query("SELECT name, value, updated_at FROM secrets ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretRecord {
+                    name: r.try_get("name")?,
+                    sealed: r.try_get("value")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, name: &str) -> StoreResult<bool> {
+        let n =
+            sqlx::query("DELETE FROM secrets WHERE name = $1").bind(name).execute(&self.pool).await?.rows_affected();
+        Ok(n == 1)
+    }
 }

@@ -1642,4 +1642,146 @@ impl Store for SqliteStore {
         .await?;
         rows.iter().map(|r| Ok(crate::usage::budget_from_row!(r))).collect()
     }
+
+    async fn put_deployment(&self, d: &DeploymentRecord, expect_version: Option<i64>) -> StoreResult<bool> {
+        let d = d.clone();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        if let Some(expect) = expect_version {
+                            let cur: Option<i64> =
+                                sqlx::query_scalar("SELECT version FROM deployments WHERE app_id = ?")
+                                    .bind(&d.app_id)
+                                    .fetch_optional(&mut *tx)
+                                    .await?;
+                            if cur.unwrap_or(0) != expect {
+                                return Ok(false);
+                            }
+                        }
+                        sqlx::query(
+                            "INSERT INTO deployments (app_id, owner_id, version, spec, manifest, bundle_digest, \
+                             bundle_size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                             ON CONFLICT (app_id) DO UPDATE SET owner_id = excluded.owner_id, \
+                             version = excluded.version, spec = excluded.spec, manifest = excluded.manifest, \
+                             bundle_digest = excluded.bundle_digest, bundle_size = excluded.bundle_size, \
+                             updated_at = excluded.updated_at",
+                        )
+                        .bind(&d.app_id)
+                        .bind(&d.owner_id)
+                        .bind(d.version)
+                        .bind(&d.spec)
+                        .bind(&d.manifest)
+                        .bind(&d.bundle_digest)
+                        .bind(d.bundle_size)
+                        .bind(d.created_at)
+                        .bind(d.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        Ok(true)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
+
+    async fn get_deployment(&self, app_id: &str) -> StoreResult<Option<DeploymentRecord>> {
+        let row = sqlx::query(
+            "SELECT app_id, owner_id, version, spec, manifest, bundle_digest, bundle_size, created_at, updated_at \
+             FROM deployments WHERE app_id = ?",
+        )
+        .bind(app_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(crate::deploy::deployment_from_row!(&r)),
+            None => None,
+        })
+    }
+
+    async fn list_deployments(&self) -> StoreResult<Vec<DeploymentRecord>> {
+        let rows = sqlx::query(
+            "SELECT app_id, owner_id, version, spec, manifest, bundle_digest, bundle_size, created_at, updated_at \
+             FROM deployments ORDER BY app_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| Ok(crate::deploy::deployment_from_row!(r))).collect()
+    }
+
+    async fn delete_deployment(&self, app_id: &str) -> StoreResult<bool> {
+        let app_id = app_id.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let n = sqlx::query("DELETE FROM deployments WHERE app_id = ?")
+                            .bind(&app_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
+
+    async fn set_secret(&self, sec: &SecretRecord) -> StoreResult<()> {
+        let sec = sec.clone();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO secrets (name, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) \
+                             DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                        )
+                        .bind(&sec.name)
+                        .bind(&sec.sealed)
+                        .bind(sec.updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        Ok(())
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
+
+    async fn list_secrets(&self) -> StoreResult<Vec<SecretRecord>> {
+        let rows =
+            sqlx::query("SELECT name, value, updated_at FROM secrets ORDER BY name").fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretRecord {
+                    name: r.try_get("name")?,
+                    sealed: r.try_get("value")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, name: &str) -> StoreResult<bool> {
+        let name = name.to_owned();
+        self.writer
+            .write(
+                move |tx| {
+                    Box::pin(async move {
+                        let n = sqlx::query("DELETE FROM secrets WHERE name = ?")
+                            .bind(&name)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        Ok(n == 1)
+                    })
+                },
+                |_, _| {},
+            )
+            .await
+    }
 }

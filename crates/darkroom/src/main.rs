@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 mod bench;
 mod client;
+mod deploy_cmd;
 mod files_cmd;
 mod mcp_cmd;
 mod models_cmd;
@@ -69,12 +70,19 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Apps: list them, and change their scaling at run time.
+    /// Apps: list, show, deploy your own, remove, logs, and change their scaling at run time.
     Apps {
         #[command(flatten)]
         data: DataDirArg,
         #[command(subcommand)]
         command: AppsCommand,
+    },
+    /// Secrets for deployed apps (environment variables in every app's runners; values never shown).
+    Secrets {
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(subcommand)]
+        command: deploy_cmd::SecretsCommand,
     },
     /// Inspect runners.
     Runners {
@@ -182,6 +190,10 @@ struct RunnerArgs {
     /// The fleet slot of a runner started by `darkroom serve`.
     #[arg(long, env = "DARKROOM_RUNNER_SLOT", hide = true)]
     slot: Option<String>,
+    /// Serve a deployed app from this folder (its code) instead of a built-in one: the manifest is
+    /// DARKROOM_APP_MANIFEST (JSON, set by `darkroom serve`) or the folder's darkroom.toml.
+    #[arg(long, env = "DARKROOM_APP_DIR")]
+    app_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -283,6 +295,33 @@ enum AppsCommand {
     /// Show or change an app's scaling (fal's knobs). Changes apply at once and are kept across restarts until
     /// `--reset` (or `darkroom serve --reset-scale`). With no options, shows the knobs.
     Scale(ScaleArgs),
+    /// Deploy (or redeploy) your own app: a folder with a darkroom.toml (any HTTP server), or an existing fal app
+    /// as path/to/app.py::ClassName (its folder is uploaded; Darkroom reads the class's settings, builds its
+    /// Python environment on the server's DARKROOM_PYTHON, which needs the `fal` package, and serves it).
+    /// Runners of the previous version finish what they hold and stop.
+    Deploy {
+        /// A folder with a darkroom.toml, or path/to/app.py::ClassName.
+        target: String,
+        /// For a fal app: the app id (default: OWNER/app_name, the class's app_name or its name in kebab-case).
+        #[arg(long)]
+        app_id: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a deployed app (refused while it has queued or running requests).
+    Rm {
+        /// The app, e.g. acme/echo.
+        app: String,
+    },
+    /// Print the logs of an app's latest requests (what the app printed, per request).
+    Logs {
+        /// The app, e.g. acme/echo.
+        app: String,
+        /// How many of the latest requests.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -372,6 +411,7 @@ fn main() -> anyhow::Result<()> {
                         _ => None,
                     },
                     slot: a.slot,
+                    app_dir: a.app_dir,
                 })
                 .await
             }
@@ -408,6 +448,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Apps { data, command } => apps_cmd(&data.data_dir, command).await,
+            Command::Secrets { data, command } => {
+                deploy_cmd::secrets(&client::Client::admin(&data.data_dir)?, command).await
+            }
             Command::Requests { data, command } => requests_cmd(&data.data_dir, command).await,
             Command::Webhooks { data, command } => webhooks_cmd(&data.data_dir, command).await,
             Command::Files { data, command } => files_cmd::run(&data.data_dir, command).await,
@@ -451,6 +494,11 @@ async fn apps_cmd(data_dir: &std::path::Path, command: AppsCommand) -> anyhow::R
             }
         }
         AppsCommand::Show { app, json } => usage_cmd::show_app(&c, &app, json).await?,
+        AppsCommand::Deploy { target, app_id, json } => {
+            deploy_cmd::deploy(&c, &target, app_id.as_deref(), json).await?
+        }
+        AppsCommand::Rm { app } => deploy_cmd::remove(&c, &app).await?,
+        AppsCommand::Logs { app, limit } => deploy_cmd::logs(&c, &app, limit).await?,
         AppsCommand::Scale(a) => {
             let path = format!("/v1/apps/{}/scale", a.app.trim_matches('/'));
             let mut patch = serde_json::Map::new();

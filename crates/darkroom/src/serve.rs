@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// startup_timeout counts from the end of PULL.
     #[arg(long, env = "DARKROOM_PULL_TIMEOUT_SECS", default_value_t = 3600)]
     pub pull_timeout_secs: u64,
+    /// The Python that deployed `fal.App` apps run on: it must have the `fal` SDK installed (`pip install fal`).
+    /// Each app gets its own environment on top of it, one per set of requirements, cached in DATA/apps/envs.
+    #[arg(long, env = "DARKROOM_PYTHON", default_value = "python3")]
+    pub python: String,
 }
 
 /// Writes a file readable only by its owner.
@@ -298,6 +302,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         reset_scale: a.reset_scale,
         realtime_idle_timeout: std::time::Duration::from_secs(a.realtime_idle_secs.max(1)),
         realtime_start_timeout: std::time::Duration::from_secs(a.realtime_start_timeout_secs.max(1)),
+        python: a.python.clone(),
         prices: match &a.pricing {
             None => Default::default(),
             Some(p) => {
@@ -363,6 +368,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 ("DARKROOM_FILES_KEY".into(), gw.signer.key_hex()),
                 ("DARKROOM_FETCH_ALLOW".into(), a.fetch_allow.clone()),
                 ("DARKROOM_MAX_INPUT_SIZE".into(), a.max_input_size.to_string()),
+                ("DARKROOM_PYTHON".into(), a.python.clone()),
             ],
             inventory: darkroom_core::scaling::Inventory {
                 cpus: darkroom_gateway::fleet::cpu_inventory(a.runner_cpus),
@@ -370,6 +376,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             },
             stop_grace: std::time::Duration::from_secs(a.drain_timeout_secs.max(1)),
             pull_timeout: std::time::Duration::from_secs(a.pull_timeout_secs.max(1)),
+            work_dir: dir.join("apps"),
         })
     };
     darkroom_gateway::fleet::Fleet::start(&gw, local);
