@@ -51,6 +51,10 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/v1/files/{id}", get(show_file).delete(delete_file))
 }
 
+/// The key id of deployed apps' upload-only keys.
+const APP_UPLOAD_KEY_ID: &str = "darkroom-upload";
+const APP_UPLOAD_PREFIX: &str = "app-upload/";
+
 /// Who files are uploaded for.
 #[derive(Debug, Clone)]
 pub struct Uploader {
@@ -92,6 +96,9 @@ impl Gateway {
                 Ok(Credential::Bearer(t)) => Some(t),
                 _ => None,
             });
+        if let Some(up) = self.app_uploader(headers).await? {
+            return Ok(up);
+        }
         let Some(token) = bearer else {
             let c = self.authenticate(headers).await?;
             return Ok(Uploader { owner_id: c.owner_id, job_id: None });
@@ -115,6 +122,54 @@ impl Gateway {
             }
         }
         Ok(Uploader { owner_id: claims.owner_id, job_id: claims.job_id })
+    }
+
+    /// The upload-only key a deployed app's runners give the app as `FAL_KEY`, so that the fal toolkit's file
+    /// outputs upload here: `darkroom-upload:{signed token naming the app}`. It can do nothing but start uploads,
+    /// and only for a request of that app that is running now (the toolkit sends its `x-fal-request-id`); the
+    /// file is filed under the request's owner.
+    pub fn app_upload_key(&self, app_id: &str) -> String {
+        let token = self.signer.token(&TokenClaims {
+            owner_id: format!("{APP_UPLOAD_PREFIX}{app_id}"),
+            key_id: None,
+            job_id: None,
+            exp: now_s(self) + 365 * 24 * 3600,
+        });
+        format!("{APP_UPLOAD_KEY_ID}:{token}")
+    }
+
+    /// An app's upload-only key, if that is what the request carries.
+    async fn app_uploader(&self, headers: &HeaderMap) -> Result<Option<Uploader>, ApiErr> {
+        let Some(Ok(Credential::Key { key_id, secret })) =
+            headers.get("authorization").and_then(|v| v.to_str().ok()).map(parse_authorization)
+        else {
+            return Ok(None);
+        };
+        if key_id != APP_UPLOAD_KEY_ID {
+            return Ok(None);
+        }
+        let claims = self
+            .signer
+            .check_token(&secret, now_s(self))
+            .map_err(|_| err(ErrorType::Unauthorized, "Invalid upload key"))?;
+        let Some(app_id) = claims.owner_id.strip_prefix(APP_UPLOAD_PREFIX) else {
+            return Err(err(ErrorType::Unauthorized, "Invalid upload key"));
+        };
+        let Some(request_id) = headers.get("x-fal-request-id").and_then(|v| v.to_str().ok()) else {
+            return Err(err(
+                ErrorType::Forbidden,
+                "An app's uploads must name the request they belong to (x-fal-request-id)",
+            ));
+        };
+        match self.store.get_job(request_id).await? {
+            Some(job) if job.app_id == app_id && job.state == JobState::Running => {
+                Ok(Some(Uploader { owner_id: job.owner_id, job_id: Some(job.id) }))
+            }
+            _ => Err(err(
+                ErrorType::Forbidden,
+                format!("Request '{}' is not running on {app_id}", request_id.escape_default()),
+            )),
+        }
     }
 
     /// An upload token for a running job's outputs (filed under the job's owner; useless once the job ends).

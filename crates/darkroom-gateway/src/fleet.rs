@@ -730,7 +730,16 @@ async fn spawn_slot(
             .arg(&d.dir)
             .env("DARKROOM_APP_MANIFEST", &d.manifest_json)
             .env("DARKROOM_APP_SECRETS", &d.secrets_json)
-            .env("DARKROOM_ENV_CACHE", local.work_dir.join("envs"));
+            .env("DARKROOM_ENV_CACHE", local.work_dir.join("envs"))
+            .env("DARKROOM_APP_UPLOAD_KEY", gw.app_upload_key(app_id));
+        // The fal toolkit uploads to https://{FAL_REST_HOST} only: it can reach us when we speak TLS.
+        if let Ok(u) = url::Url::parse(&local.gateway_url)
+            && u.scheme() == "https"
+            && let Some(host) = u.host_str()
+        {
+            let port = u.port_or_known_default().unwrap_or(443);
+            cmd.env("DARKROOM_APP_REST_HOST", format!("{host}:{port}/rest"));
+        }
     }
     if let Some(ca) = &local.ca_cert {
         cmd.arg("--ca-cert").arg(ca);

@@ -589,6 +589,8 @@ pub struct HttpApp {
     setup_outcome: tokio::sync::Mutex<Option<Result<(), String>>>,
     /// Kills the app's process.
     stop: CancellationToken,
+    /// Set when the app's server exited on its own after it was started.
+    died: watch::Sender<Option<String>>,
 }
 
 struct Running {
@@ -626,6 +628,7 @@ impl HttpApp {
             dir: dir.into(),
             extra_env: BTreeMap::new(),
             env_cache: None,
+            died: watch::channel(None).0,
             logs,
             running: OnceLock::new(),
             setup_outcome: tokio::sync::Mutex::new(None),
@@ -768,6 +771,7 @@ impl HttpApp {
             let stop = self.stop.clone();
             let app_id = self.manifest.app.id.clone();
             let logs = self.logs.clone();
+            let died = self.died.clone();
             tokio::spawn(async move {
                 let (status, stopped) = tokio::select! {
                     s = child.wait() => (s, false),
@@ -785,6 +789,9 @@ impl HttpApp {
                 } else {
                     logs.wait_closed(EOF_WAIT).await;
                     tracing::error!(app = %app_id, %status, last_output = %logs.tail(), "the app's server exited");
+                }
+                if !stopped {
+                    died.send_replace(Some(status.clone()));
                 }
                 exit_tx.send_replace(Some(status));
             });
@@ -897,6 +904,13 @@ impl HttpApp {
 impl Model for HttpApp {
     fn spec(&self) -> AppSpec {
         self.manifest.spec()
+    }
+
+    async fn fatal(&self) -> String {
+        let mut rx = self.died.subscribe();
+        let res = rx.wait_for(Option::is_some).await.map(|s| s.clone().unwrap_or_default());
+        let Ok(status) = res else { return std::future::pending().await };
+        format!("the app's server exited ({status})")
     }
 
     async fn setup(&self, report: &SetupReporter) -> Result<(), String> {

@@ -166,6 +166,11 @@ pub trait Model: Send + Sync + 'static {
     fn has_realtime(&self, _path: &str) -> bool {
         false
     }
+    /// Returns (with the reason) once the model can serve nothing more, e.g. a deployed app's server died: the
+    /// runner then exits and the fleet starts another. The default never returns.
+    async fn fatal(&self) -> String {
+        std::future::pending().await
+    }
 }
 
 /// What a realtime handler gets besides its input.

@@ -103,6 +103,15 @@ fn deployed_app(app_id: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn M
         Err(_) => Default::default(),
     };
     let mut app = app.with_env(secrets);
+    // The fal toolkit's file outputs upload to the gateway with an upload-only key (never the runner token).
+    if let (Ok(key), Ok(host)) = (std::env::var("DARKROOM_APP_UPLOAD_KEY"), std::env::var("DARKROOM_APP_REST_HOST")) {
+        let mut env = vec![("FAL_KEY".to_string(), key), ("FAL_REST_HOST".to_string(), host)];
+        if let Ok(bundle) = std::env::var("DARKROOM_APP_CA_BUNDLE") {
+            env.push(("SSL_CERT_FILE".into(), bundle.clone()));
+            env.push(("REQUESTS_CA_BUNDLE".into(), bundle));
+        }
+        app = app.with_env(env);
+    }
     if let Ok(cache) = std::env::var("DARKROOM_ENV_CACHE") {
         app = app.with_env_cache(cache, std::env::var("DARKROOM_PYTHON").unwrap_or_else(|_| "python3".into()));
     }
@@ -116,6 +125,18 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
         None => darkroom_models::load_builtin(&cfg.app_id)
             .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?,
     };
+    // A model that can serve nothing more (a deployed app's server died) ends the runner: the fleet restarts it
+    // with backoff, and the request that was running is retried (runner loss) within its attempts.
+    {
+        let model = model.clone();
+        tokio::spawn(async move {
+            let why = model.fatal().await;
+            tracing::error!(reason = %why, "the app cannot serve any more; exiting so that a new runner starts");
+            // Lets the failing request's answer reach the gateway first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::process::exit(70);
+        });
+    }
     // Setup (weights, loading) runs while the control channel comes up, so the gateway sees PULL and SETUP.
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Setup(String::new()));
     {

@@ -369,7 +369,16 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 ("DARKROOM_FETCH_ALLOW".into(), a.fetch_allow.clone()),
                 ("DARKROOM_MAX_INPUT_SIZE".into(), a.max_input_size.to_string()),
                 ("DARKROOM_PYTHON".into(), a.python.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                // Deployed apps trust the system's CAs and ours (the fal toolkit uploads to us over TLS).
+                tls_files
+                    .as_ref()
+                    .and_then(|t| t.ca_bundle.as_ref())
+                    .map(|b| ("DARKROOM_APP_CA_BUNDLE".to_string(), b.display().to_string())),
+            )
+            .collect(),
             inventory: darkroom_core::scaling::Inventory {
                 cpus: darkroom_gateway::fleet::cpu_inventory(a.runner_cpus),
                 gpus,

@@ -257,6 +257,9 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
             "0,150ms,150ms,150ms,150ms",
             "--webhook-timeout-ms",
             "2000",
+            # Deployed fal apps run on this interpreter, which has the `fal` SDK (test_serverless.py).
+            "--python",
+            sys.executable,
         ],
     )
     env = dr.env

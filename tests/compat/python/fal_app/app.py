@@ -1,0 +1,54 @@
+"""A fal app deployed to Darkroom unchanged by the compatibility tests (test_serverless.py, serverless.test.mjs).
+
+It uses what real fal apps use: setup(), two endpoints with pydantic models (so its own validation answers 422),
+printed logs, and a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself).
+"""
+
+import fal
+from fal.toolkit import Image
+from pydantic import BaseModel, Field
+
+
+class Input(BaseModel):
+    prompt: str = Field(..., min_length=1, description="What to draw")
+    size: int = Field(default=16, ge=1, le=512, description="Width and height in pixels")
+
+
+class Output(BaseModel):
+    text: str
+    image: Image
+
+
+class SquareIn(BaseModel):
+    n: int = Field(..., ge=0, le=1_000_000)
+
+
+class SquareOut(BaseModel):
+    n: int
+    square: int
+
+
+class HelloApp(fal.App, keep_alive=30):
+    """Draws a square of colour and squares numbers."""
+
+    app_name = "hello-app"
+    requirements = ["pillow"]
+    max_concurrency = 2
+    request_timeout = 120
+
+    def setup(self):
+        print("setup: loading the palette", flush=True)
+        self.colour = (200, 30, 60)
+
+    @fal.endpoint("/")
+    def generate(self, inp: Input) -> Output:
+        from PIL import Image as PILImage
+
+        print(f"drawing {inp.prompt!r} at {inp.size}px", flush=True)
+        img = PILImage.new("RGB", (inp.size, inp.size), self.colour)
+        return Output(text=f"drew {inp.prompt}", image=Image.from_pil(img, format="png"))
+
+    @fal.endpoint("/square")
+    def square(self, inp: SquareIn) -> SquareOut:
+        print(f"squaring {inp.n}", flush=True)
+        return SquareOut(n=inp.n, square=inp.n * inp.n)
