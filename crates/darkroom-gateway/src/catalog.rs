@@ -195,8 +195,9 @@ async fn search(
             let mut v = json!({"endpoint_id": endpoint_id(&a.spec.id, p), "app_id": a.spec.id, "path": p,
                                "metadata": metadata(&gw, a, p, &run_base)});
             if with_schemas {
-                v["input_schema"] = a.spec.input_schema.clone();
-                v["output_schema"] = a.spec.output_schema.clone();
+                let (input, output) = crate::openapi::endpoint_schemas(&gw, &a.spec, p);
+                v["input_schema"] = input;
+                v["output_schema"] = output;
             }
             if with_openapi {
                 v["openapi"] = crate::openapi::app_openapi_doc(&gw, &a.spec.id).unwrap_or(Value::Null);
@@ -232,8 +233,9 @@ async fn detail(
         .map(|p| {
             let id = endpoint_id(&s.id, p);
             let examples: Vec<&darkroom_core::app::Example> = s.catalog.examples.iter().filter(|e| e.path == *p).collect();
+            let (input, output) = crate::openapi::endpoint_schemas(&gw, s, p);
             json!({"endpoint_id": id, "path": p, "queue_url": format!("{queue_base}/{id}"), "run_url": format!("{run_base}/{id}"),
-                   "input_schema": s.input_schema, "output_schema": s.output_schema, "examples": examples})
+                   "input_schema": input, "output_schema": output, "examples": examples})
         })
         .collect();
     let depth = gw.store.app_depths().await?.into_iter().find(|d| d.app_id == s.id);

@@ -66,6 +66,37 @@ pub fn app_openapi(gw: &Gateway, app: &AppRef) -> ApiResult<Response> {
     }
 }
 
+/// An endpoint's input and output schemas: a deployed fal app's own (from its OpenAPI, self-contained with
+/// `$defs`), else the app's.
+pub fn endpoint_schemas(gw: &Gateway, spec: &darkroom_core::app::AppSpec, path: &str) -> (Value, Value) {
+    let own = (spec.input_schema.clone(), spec.output_schema.clone());
+    let Some(d) = gw.deployments.get(&spec.id) else { return own };
+    let Ok(m) = serde_json::from_str::<Value>(&d.manifest) else { return own };
+    let doc = &m["fal"]["openapi"];
+    let op = &doc["paths"][format!("/{path}")]["post"];
+    if !op.is_object() {
+        return own;
+    }
+    let defs = doc["components"]["schemas"].clone();
+    let standalone = |s: &Value| -> Value {
+        if s.is_null() {
+            return json!({});
+        }
+        // `#/components/schemas/X` → `#/$defs/X`, with the components as `$defs`.
+        let text = serde_json::to_string(s).unwrap_or_default().replace("#/components/schemas/", "#/$defs/");
+        let mut v: Value = serde_json::from_str(&text).unwrap_or(json!({}));
+        if let (Some(obj), Some(_)) = (v.as_object_mut(), defs.as_object()) {
+            let defs_text =
+                serde_json::to_string(&defs).unwrap_or_default().replace("#/components/schemas/", "#/$defs/");
+            obj.insert("$defs".into(), serde_json::from_str(&defs_text).unwrap_or(json!({})));
+        }
+        v
+    };
+    let input = standalone(&op["requestBody"]["content"]["application/json"]["schema"]);
+    let output = standalone(&op["responses"]["200"]["content"]["application/json"]["schema"]);
+    (input, output)
+}
+
 /// An app's OpenAPI document; None for an unknown app.
 pub fn app_openapi_doc(gw: &Gateway, app_id: &str) -> Option<Value> {
     let a = gw.apps.get(app_id)?;

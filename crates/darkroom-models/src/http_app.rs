@@ -130,8 +130,8 @@ const MAX_BODY: usize = 256 << 20;
 const MAX_LINE: usize = 16 << 10;
 /// Lines of each stream kept for error messages.
 const TAIL_LINES: usize = 20;
-/// After an answer, lines already printed are given this long to arrive…
-const SETTLE_QUIET: Duration = Duration::from_millis(3);
+/// After an answer, how often the pipes are checked for lines printed before it…
+const SETTLE_QUIET: Duration = Duration::from_millis(1);
 /// …and at most this long in all.
 const SETTLE_MAX: Duration = Duration::from_millis(100);
 /// How long a dead app's last output is waited for.
@@ -759,9 +759,11 @@ impl HttpApp {
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         self.logs.open.send_replace(usize::from(stdout.is_some()) + usize::from(stderr.is_some()));
         if let Some(out) = stdout {
+            lock(&self.logs.fds).push(std::os::fd::AsRawFd::as_raw_fd(&out));
             tokio::spawn(pump(out, Stream::Stdout, self.logs.clone()));
         }
         if let Some(err) = stderr {
+            lock(&self.logs.fds).push(std::os::fd::AsRawFd::as_raw_fd(&err));
             tokio::spawn(pump(err, Stream::Stderr, self.logs.clone()));
         }
 
@@ -1151,8 +1153,11 @@ struct LogRouter {
     /// Requests in flight, by registration key.
     active: Mutex<Vec<(u64, RunContext)>>,
     next_key: AtomicU64,
-    /// Bytes read so far (to see when the output has settled).
+    /// Bytes taken out of the pipes, and bytes of those cut into lines (equal: nothing read is waiting).
+    pulled: AtomicU64,
     consumed: AtomicU64,
+    /// The pipes' descriptors while their readers live (asked how much is unread).
+    fds: Mutex<Vec<std::os::fd::RawFd>>,
     /// The last lines of stdout and stderr.
     tails: Mutex<[VecDeque<String>; 2]>,
     /// Streams still open.
@@ -1182,7 +1187,9 @@ impl LogRouter {
             single,
             active: Mutex::new(Vec::new()),
             next_key: AtomicU64::new(0),
+            pulled: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            fds: Mutex::new(Vec::new()),
             tails: Mutex::new([VecDeque::new(), VecDeque::new()]),
             open: watch::Sender::new(0),
         }
@@ -1245,17 +1252,30 @@ impl LogRouter {
         format!("; last {which} lines:\n{}", lines.join("\n"))
     }
 
-    /// Waits until lines already printed have been read: no new output for a moment, or the streams closed.
+    /// Whether everything the app printed so far has been cut into lines: the pipes hold no unread bytes and the
+    /// readers have nothing buffered.
+    fn drained(&self) -> bool {
+        let fds = lock(&self.fds);
+        let pipes_empty = fds.iter().all(|&fd| {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int; the descriptor stays open while it is in `fds` (a reader removes
+            // it, under this lock, before it closes the pipe).
+            let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+            r != 0 || n == 0
+        });
+        pipes_empty && self.pulled.load(Ordering::Acquire) == self.consumed.load(Ordering::Acquire)
+    }
+
+    /// Waits until lines already printed have been read: an app writes its output before its answer, so once the
+    /// pipes are empty and the readers idle, every line of the request has been routed. At most [`SETTLE_MAX`].
     async fn settle(&self) {
         let deadline = Instant::now() + SETTLE_MAX;
         loop {
-            let before = self.consumed.load(Ordering::Acquire);
             tokio::task::yield_now().await;
-            tokio::time::sleep(SETTLE_QUIET).await;
-            if self.consumed.load(Ordering::Acquire) == before || *self.open.borrow() == 0 || Instant::now() >= deadline
-            {
+            if self.drained() || *self.open.borrow() == 0 || Instant::now() >= deadline {
                 break;
             }
+            tokio::time::sleep(SETTLE_QUIET).await;
         }
     }
 
@@ -1267,10 +1287,12 @@ impl LogRouter {
 }
 
 /// Reads one of the app's streams line by line until it closes.
-async fn pump(reader: impl AsyncRead + Unpin, stream: Stream, router: Arc<LogRouter>) {
+async fn pump(reader: impl AsyncRead + Unpin + std::os::fd::AsRawFd, stream: Stream, router: Arc<LogRouter>) {
+    let fd = reader.as_raw_fd();
     let mut reader = BufReader::with_capacity(64 << 10, reader);
     let mut lines = Lines::default();
     loop {
+        let before = reader.buffer().len();
         let buf = match reader.fill_buf().await {
             Ok(b) => b,
             Err(e) => {
@@ -1281,6 +1303,9 @@ async fn pump(reader: impl AsyncRead + Unpin, stream: Stream, router: Arc<LogRou
         if buf.is_empty() {
             break;
         }
+        if buf.len() > before {
+            router.pulled.fetch_add((buf.len() - before) as u64, Ordering::Release);
+        }
         let (n, line) = lines.feed(buf, MAX_LINE);
         reader.consume(n);
         if let Some(line) = line {
@@ -1288,6 +1313,8 @@ async fn pump(reader: impl AsyncRead + Unpin, stream: Stream, router: Arc<LogRou
         }
         router.consumed.fetch_add(n as u64, Ordering::Release);
     }
+    lock(&router.fds).retain(|&f| f != fd);
+    drop(reader);
     if let Some(line) = lines.finish() {
         router.line(stream, &line);
     }
@@ -1564,7 +1591,8 @@ mod tests {
             assert_eq!(out["input"], json!({"x": 1}));
             assert_eq!(
                 out["env"],
-                json!({"HOST": "127.0.0.1", "PORT": port, "DARKROOM_APP_ID": "acme/echo", "MODEL": "small"})
+                json!({"HOST": "127.0.0.1", "PORT": port, "DARKROOM_APP_ID": "acme/echo", "MODEL": "small",
+                       "HF_TOKEN": null, "VERSION": null})
             );
             let c = call("req-fast", "fast");
             let out = app.run(json!({}), c.ctx).await.unwrap();

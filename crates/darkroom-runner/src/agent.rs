@@ -125,18 +125,6 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
         None => darkroom_models::load_builtin(&cfg.app_id)
             .with_context(|| format!("no built-in app '{}' in this binary", cfg.app_id))?,
     };
-    // A model that can serve nothing more (a deployed app's server died) ends the runner: the fleet restarts it
-    // with backoff, and the request that was running is retried (runner loss) within its attempts.
-    {
-        let model = model.clone();
-        tokio::spawn(async move {
-            let why = model.fatal().await;
-            tracing::error!(reason = %why, "the app cannot serve any more; exiting so that a new runner starts");
-            // Lets the failing request's answer reach the gateway first.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            std::process::exit(70);
-        });
-    }
     // Setup (weights, loading) runs while the control channel comes up, so the gateway sees PULL and SETUP.
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Setup(String::new()));
     {
@@ -172,6 +160,20 @@ pub async fn run_runner(cfg: RunnerConfig) -> anyhow::Result<()> {
     }
     // SIGTERM drains: no new work, running jobs finish, then the process exits. A second SIGTERM exits at once.
     let drain = CancellationToken::new();
+    // A model that can serve nothing more (a deployed app's server died) ends the runner: it drains at once (the
+    // gateway stops assigning to it), the fleet restarts it with backoff, and the request that was running is
+    // retried within its attempts.
+    {
+        let (model, drain) = (model.clone(), drain.clone());
+        tokio::spawn(async move {
+            let why = model.fatal().await;
+            tracing::error!(reason = %why, "the app cannot serve any more; exiting so that a new runner starts");
+            drain.cancel();
+            // Lets the failing request's answer and the draining notice reach the gateway first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::process::exit(70);
+        });
+    }
     {
         let drain = drain.clone();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -771,6 +771,72 @@ pub async fn batched_claims_and_claim_at_submit(s: &dyn Store) {
     }
 }
 
+fn deployment(app_id: &str, version: i64, at: i64) -> DeploymentRecord {
+    DeploymentRecord {
+        app_id: app_id.into(),
+        owner_id: "owner-a".into(),
+        version,
+        spec: format!(r#"{{"id":"{app_id}","v":{version}}}"#),
+        manifest: format!(r#"{{"v":{version}}}"#),
+        bundle_digest: format!("digest-{version}"),
+        bundle_size: 100 + version,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+/// Deployments are versioned (a put naming the version it expects fails if another deploy came first); secrets are
+/// opaque bytes by name.
+pub async fn deployments_and_secrets_are_kept(s: &dyn Store) {
+    assert_eq!(s.get_deployment("acme/echo").await.unwrap(), None);
+    assert!(s.list_deployments().await.unwrap().is_empty());
+    // First deploy: expects none (version 0).
+    let v1 = deployment("acme/echo", 1, 1_000);
+    assert!(s.put_deployment(&v1, Some(0)).await.unwrap());
+    assert_eq!(s.get_deployment("acme/echo").await.unwrap().as_ref(), Some(&v1));
+    // A second "first deploy" lost the race: refused, nothing changes.
+    assert!(!s.put_deployment(&deployment("acme/echo", 1, 1_500), Some(0)).await.unwrap());
+    assert_eq!(s.get_deployment("acme/echo").await.unwrap().as_ref(), Some(&v1));
+    // Expecting a version that is not the current one is refused too.
+    assert!(!s.put_deployment(&deployment("acme/echo", 3, 1_600), Some(2)).await.unwrap());
+    // Redeploy over version 1: every field but created_at is replaced.
+    let v2 = deployment("acme/echo", 2, 2_000);
+    assert!(s.put_deployment(&v2, Some(1)).await.unwrap());
+    let got = s.get_deployment("acme/echo").await.unwrap().unwrap();
+    assert_eq!(got, DeploymentRecord { created_at: 1_000, ..v2.clone() });
+    // Without an expected version, a put always applies.
+    let other = deployment("acme/another", 7, 3_000);
+    assert!(s.put_deployment(&other, None).await.unwrap());
+    let ids: Vec<String> = s.list_deployments().await.unwrap().into_iter().map(|d| d.app_id).collect();
+    assert_eq!(ids, vec!["acme/another", "acme/echo"], "listed by app id");
+    assert!(s.delete_deployment("acme/echo").await.unwrap());
+    assert!(!s.delete_deployment("acme/echo").await.unwrap(), "already gone");
+    assert_eq!(s.get_deployment("acme/echo").await.unwrap(), None);
+    assert_eq!(s.list_deployments().await.unwrap(), vec![other]);
+    // Deployed again after removal: a first deploy again.
+    assert!(s.put_deployment(&deployment("acme/echo", 1, 4_000), Some(0)).await.unwrap());
+
+    assert!(s.list_secrets().await.unwrap().is_empty());
+    let sealed: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+    let tok = SecretRecord { name: "HF_TOKEN".into(), sealed: sealed.clone(), updated_at: 1_000 };
+    s.set_secret(&tok).await.unwrap();
+    s.set_secret(&SecretRecord { name: "API_KEY".into(), sealed: vec![1, 2, 3], updated_at: 1_100 }).await.unwrap();
+    let list = s.list_secrets().await.unwrap();
+    assert_eq!(list.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), vec!["API_KEY", "HF_TOKEN"], "by name");
+    assert_eq!(list[1], tok, "bytes kept exactly");
+    // Setting again replaces the value.
+    let tok2 = SecretRecord { name: "HF_TOKEN".into(), sealed: vec![9; 40], updated_at: 2_000 };
+    s.set_secret(&tok2).await.unwrap();
+    let list = s.list_secrets().await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1], tok2);
+    assert!(s.delete_secret("HF_TOKEN").await.unwrap());
+    assert!(!s.delete_secret("HF_TOKEN").await.unwrap(), "already gone");
+    assert!(!s.delete_secret("NEVER_SET").await.unwrap());
+    let names: Vec<String> = s.list_secrets().await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, vec!["API_KEY"]);
+}
+
 /// Generates one `#[tokio::test]` per conformance check, given an async expression producing an
 /// `Arc<dyn Store>` that is fresh and empty each time.
 #[macro_export]
@@ -786,7 +852,7 @@ macro_rules! conformance_tests {
             payloads_are_deleted_on_request_and_by_retention, dead_gateways_are_reaped_and_live_ones_kept,
             settings_keep_their_first_value, files_are_recorded_listed_finished_and_expired,
             scaling_overrides_and_cold_starts_are_kept, batched_claims_and_claim_at_submit,
-            usage_lines_are_written_with_the_completion);
+            usage_lines_are_written_with_the_completion, deployments_and_secrets_are_kept);
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_claims_are_exclusive() {
             let s: std::sync::Arc<dyn $crate::Store> = $make.await;

@@ -101,9 +101,16 @@ def test_settings_and_openapi_come_from_the_class(deployed: Darkroom) -> None:
         schemas = doc["components"]["schemas"]
         assert schemas["SquareIn"]["properties"]["n"]["minimum"] == 0
         assert schemas["Input"]["required"] == ["prompt"]
-        # The catalog lists it.
-        models = c.get("/v1/models", params={"q": "hello"}).json()
-        assert any(m.get("endpoint_id", m.get("id", "")).startswith(APP_ID) for m in models.get("models", [])), models
+        # The catalog lists it (search and detail), from the class's attributes.
+        models = c.get("/v1/models", params={"q": "squares numbers"}).json()["models"]
+        assert [m["endpoint_id"] for m in models] == [APP_ID, f"{APP_ID}/square"], models
+        assert models[0]["metadata"]["description"] == "Draws a square of colour and squares numbers."
+        detail = c.get(f"/v1/models/{APP_ID}").json()
+        assert detail["app_id"] == APP_ID and "fal-app" in detail["tags"] and detail["kind"] == "http", detail
+        square = next(e for e in detail["endpoints"] if e["path"] == "square")
+        # The endpoint's own input schema, from the app's pydantic model.
+        assert square["input_schema"]["$ref"] == "#/$defs/SquareIn", square
+        assert square["input_schema"]["$defs"]["SquareIn"]["properties"]["n"]["maximum"] == 1_000_000
 
 
 @pytest.mark.deadline(60)
