@@ -376,7 +376,7 @@ pub fn pricing_json(gw: &Gateway, spec: &AppSpec) -> Value {
            "runner_second_price": p.runner_second_price, "currency": gw.cfg.prices.currency})
 }
 
-fn app_for_endpoint<'a>(gw: &'a Gateway, endpoint: &str) -> ApiResult<(Arc<darkroom_core::app::CompiledApp>, String)> {
+fn app_for_endpoint(gw: &Gateway, endpoint: &str) -> ApiResult<(Arc<darkroom_core::app::CompiledApp>, String)> {
     let segs: Vec<&str> = endpoint.trim_matches('/').split('/').collect();
     let (app_ref, rest) = darkroom_core::ids::split_endpoint(&segs).map_err(|_| {
         err(

@@ -732,6 +732,13 @@ async fn spawn_slot(
             .env("DARKROOM_APP_SECRETS", &d.secrets_json)
             .env("DARKROOM_ENV_CACHE", local.work_dir.join("envs"))
             .env("DARKROOM_APP_UPLOAD_KEY", gw.app_upload_key(app_id));
+        // Input files stored here are served from our own (loopback) address: the launcher lets the fal toolkit's
+        // download guard through to exactly that origin.
+        if let Ok(u) = url::Url::parse(&local.gateway_url)
+            && let Some(host) = u.host_str()
+        {
+            cmd.env("DARKROOM_APP_FILES_ORIGIN", format!("{host}:{}", u.port_or_known_default().unwrap_or(443)));
+        }
         // The fal toolkit uploads to https://{FAL_REST_HOST} only: it can reach us when we speak TLS.
         if let Ok(u) = url::Url::parse(&local.gateway_url)
             && u.scheme() == "https"

@@ -108,8 +108,36 @@ def inspect_app(file, class_name):
     sys.stdout.flush()
 
 
+def trust_darkroom_files():
+    """Lets the toolkit's download guard (fal.toolkit.utils.ssrf) fetch input files from Darkroom itself.
+
+    Files uploaded to Darkroom are served from the gateway's own address, which is 127.0.0.1 here; the guard refuses
+    every non-routable address. Exactly that origin (DARKROOM_FILES_ORIGIN, host:port) is let through; every other
+    URL is checked as before.
+    """
+    origin = os.environ.get("DARKROOM_FILES_ORIGIN")
+    if not origin:
+        return
+    host, _, port = origin.rpartition(":")
+    try:
+        from fal.toolkit.utils import ssrf
+    except ImportError:
+        return
+    check = getattr(ssrf, "resolve_and_validate_host", None)
+    if check is None:
+        return
+
+    def resolve_and_validate_host(hostname, port_number, _check=check):
+        if hostname == host and port_number is not None and str(port_number) == port:
+            return [host]
+        return _check(hostname, port_number)
+
+    ssrf.resolve_and_validate_host = resolve_and_validate_host
+
+
 def serve_app(file, class_name):
     os.environ["IS_ISOLATE_AGENT"] = "1"
+    trust_darkroom_files()
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ["PORT"])
     cls = load(file, class_name)

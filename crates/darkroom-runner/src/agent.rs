@@ -103,6 +103,9 @@ fn deployed_app(app_id: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn M
         Err(_) => Default::default(),
     };
     let mut app = app.with_env(secrets);
+    if let Ok(origin) = std::env::var("DARKROOM_APP_FILES_ORIGIN") {
+        app = app.with_env([("DARKROOM_FILES_ORIGIN".to_string(), origin)]);
+    }
     // The fal toolkit's file outputs upload to the gateway with an upload-only key (never the runner token).
     if let (Ok(key), Ok(host)) = (std::env::var("DARKROOM_APP_UPLOAD_KEY"), std::env::var("DARKROOM_APP_REST_HOST")) {
         let mut env = vec![("FAL_KEY".to_string(), key), ("FAL_REST_HOST".to_string(), host)];

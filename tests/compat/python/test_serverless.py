@@ -74,6 +74,20 @@ def test_fal_app_runs_unchanged_through_the_python_client(deployed: Darkroom, fa
 
 
 @pytest.mark.deadline(90)
+def test_input_files_stored_in_darkroom_reach_the_app(deployed: Darkroom, fal) -> None:
+    from PIL import Image
+
+    url = fal.upload_image(Image.new("RGB", (21, 13), (0, 128, 255)), format="png")
+    assert url.startswith(deployed.url), url
+    # The toolkit's download guard refuses loopback addresses; Darkroom's own origin is let through.
+    assert fal.run(f"{APP_ID}/measure", arguments={"image_url": url}) == {"width": 21, "height": 13}
+    # Other private addresses stay refused by the app's guard.
+    with pytest.raises(fal.FalClientHTTPError) as e:
+        fal.run(f"{APP_ID}/measure", arguments={"image_url": "http://127.0.0.1:9/x.png"})
+    assert e.value.status_code >= 400
+
+
+@pytest.mark.deadline(90)
 def test_the_apps_own_validation_answers(deployed: Darkroom, fal) -> None:
     # The app's pydantic 422 reaches the client unchanged.
     with pytest.raises(fal.FalClientHTTPError) as e:
@@ -92,18 +106,18 @@ def test_settings_and_openapi_come_from_the_class(deployed: Darkroom) -> None:
     with _client(deployed) as c:
         app = c.get(f"/v1/apps/{APP_ID}").json()
         assert app["kind"] == "http" and app["version"] >= 1
-        assert sorted(app["endpoints"]) == ["", "square"]
+        assert sorted(app["endpoints"]) == ["", "measure", "square"]
         assert app["scaling"]["keep_alive"] == 30 and app["scaling"]["max_concurrency"] == 2
         assert app["scaling"]["request_timeout"] == 120
         assert app["fal"]["entry"] == "app.py::HelloApp"
         doc = c.get(f"/{APP_ID}/openapi.json").json()
-        assert "/square" in doc["paths"] and "/" in doc["paths"]
+        assert {"/", "/square", "/measure"} <= set(doc["paths"])
         schemas = doc["components"]["schemas"]
         assert schemas["SquareIn"]["properties"]["n"]["minimum"] == 0
         assert schemas["Input"]["required"] == ["prompt"]
         # The catalog lists it (search and detail), from the class's attributes.
         models = c.get("/v1/models", params={"q": "squares numbers"}).json()["models"]
-        assert [m["endpoint_id"] for m in models] == [APP_ID, f"{APP_ID}/square"], models
+        assert [m["endpoint_id"] for m in models] == [APP_ID, f"{APP_ID}/measure", f"{APP_ID}/square"], models
         assert models[0]["metadata"]["description"] == "Draws a square of colour and squares numbers."
         detail = c.get(f"/v1/models/{APP_ID}").json()
         assert detail["app_id"] == APP_ID and "fal-app" in detail["tags"] and detail["kind"] == "http", detail

@@ -1,7 +1,8 @@
 """A fal app deployed to Darkroom unchanged by the compatibility tests (test_serverless.py, serverless.test.mjs).
 
-It uses what real fal apps use: setup(), two endpoints with pydantic models (so its own validation answers 422),
-printed logs, and a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself).
+It uses what real fal apps use: setup(), endpoints with pydantic models (so its own validation answers 422),
+printed logs, a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself) and a toolkit download
+of an input URL (through the SDK's download guard).
 """
 
 import fal
@@ -28,6 +29,15 @@ class SquareOut(BaseModel):
     square: int
 
 
+class MeasureIn(BaseModel):
+    image_url: str
+
+
+class MeasureOut(BaseModel):
+    width: int
+    height: int
+
+
 class HelloApp(fal.App, keep_alive=30):
     """Draws a square of colour and squares numbers."""
 
@@ -47,6 +57,19 @@ class HelloApp(fal.App, keep_alive=30):
         print(f"drawing {inp.prompt!r} at {inp.size}px", flush=True)
         img = PILImage.new("RGB", (inp.size, inp.size), self.colour)
         return Output(text=f"drew {inp.prompt}", image=Image.from_pil(img, format="png"))
+
+    @fal.endpoint("/measure")
+    def measure(self, inp: MeasureIn) -> MeasureOut:
+        """Fetches an input image through the toolkit (and its download guard) and reports its size."""
+        import tempfile
+
+        from fal.toolkit import download_file
+        from PIL import Image as PILImage
+
+        with tempfile.TemporaryDirectory() as d:
+            path = download_file(inp.image_url, target_dir=d)
+            with PILImage.open(path) as im:
+                return MeasureOut(width=im.width, height=im.height)
 
     @fal.endpoint("/square")
     def square(self, inp: SquareIn) -> SquareOut:
