@@ -179,6 +179,7 @@ fn manifest_from(info: &Value, entry: &str, app_id: Option<&str>, owner: &str) -
             env: Default::default(),
             startup_timeout: num(&s["startup_timeout"]),
             request_timeout: num(&s["request_timeout"]),
+            data: None,
         },
         scaling: ScalingSection {
             min_concurrency: num(&s["min_concurrency"]),

@@ -731,7 +731,9 @@ async fn spawn_slot(
             .env("DARKROOM_APP_MANIFEST", &d.manifest_json)
             .env("DARKROOM_APP_SECRETS", &d.secrets_json)
             .env("DARKROOM_ENV_CACHE", local.work_dir.join("envs"))
-            .env("DARKROOM_APP_UPLOAD_KEY", gw.app_upload_key(app_id));
+            .env("DARKROOM_APP_UPLOAD_KEY", gw.app_upload_key(app_id))
+            // fal's /data: one folder per app, kept across restarts and redeploys.
+            .env("DARKROOM_APP_DATA_DIR", local.work_dir.join("data").join(app_id));
         // Input files stored here are served from our own (loopback) address: the launcher lets the fal toolkit's
         // download guard through to exactly that origin.
         if let Ok(u) = url::Url::parse(&local.gateway_url)

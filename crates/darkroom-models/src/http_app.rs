@@ -22,6 +22,7 @@
 //! env = { MODEL = "small" }             # optional
 //! startup_timeout = 300                 # seconds from start to healthy (default: Darkroom's, 600)
 //! request_timeout = 3600                # seconds per request (default 3600)
+//! data = true                           # optional: a persistent folder at /data (needs bubblewrap)
 //!
 //! [scaling]                             # optional; fal's knobs, unset ones keep Darkroom's defaults
 //! min_concurrency = 0
@@ -248,6 +249,10 @@ pub struct RunSection {
     pub startup_timeout: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<u64>,
+    /// A persistent folder for the app at `/data` (kept across restarts and redeploys), mounted with bubblewrap
+    /// (`bwrap`), which must then be installed. `fal.App` apps get it whenever `bwrap` is there, as on fal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<bool>,
 }
 
 /// `[scaling]`: fal's knobs; unset ones keep [`ScalingKnobs::default`].
@@ -562,6 +567,11 @@ fn child_env(
     env
 }
 
+/// A program on PATH.
+fn which_program(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
 /// A program with a `/` in its name is relative to the app's directory (not to the runner's).
 fn program_path(dir: &Path, program: &str) -> PathBuf {
     let p = Path::new(program);
@@ -582,6 +592,8 @@ pub struct HttpApp {
     extra_env: BTreeMap<String, String>,
     /// Where `[python]` environments are built, and the base Python they sit on.
     env_cache: Option<(PathBuf, String)>,
+    /// The app's persistent folder, mounted at `/data`.
+    data_dir: Option<PathBuf>,
     logs: Arc<LogRouter>,
     /// Set once the app answered its health check.
     running: OnceLock<Running>,
@@ -628,6 +640,7 @@ impl HttpApp {
             dir: dir.into(),
             extra_env: BTreeMap::new(),
             env_cache: None,
+            data_dir: None,
             died: watch::channel(None).0,
             logs,
             running: OnceLock::new(),
@@ -657,6 +670,62 @@ impl HttpApp {
     pub fn with_env_cache(mut self, cache: impl Into<PathBuf>, python: impl Into<String>) -> Self {
         self.env_cache = Some((cache.into(), python.into()));
         self
+    }
+
+    /// The app's persistent folder, mounted at `/data` when the manifest asks for it (`[run] data = true`) or the
+    /// app is a `fal.App` and bubblewrap is installed.
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Wraps the command in bubblewrap with the app's folder at `/data`, when it gets one.
+    async fn with_data_mount(&self, command: Vec<String>, dir: &Path) -> Result<Vec<String>, String> {
+        let wanted = match self.manifest.run.data {
+            Some(w) => w,
+            None => self.manifest.fal.is_some(),
+        };
+        let required = self.manifest.run.data == Some(true);
+        if !wanted {
+            return Ok(command);
+        }
+        let Some(bwrap) = which_program("bwrap") else {
+            if required {
+                return Err("the app asks for /data ([run] data = true), which needs bubblewrap: install it (Debian \
+                            and Ubuntu: apt install bubblewrap) on the runner's machine"
+                    .into());
+            }
+            tracing::warn!(app = %self.manifest.app.id, "bubblewrap (bwrap) is not installed: the app runs without /data");
+            return Ok(command);
+        };
+        let Some(data) = &self.data_dir else {
+            if required {
+                return Err("the app asks for /data, but this runner was given no data folder".into());
+            }
+            return Ok(command);
+        };
+        tokio::fs::create_dir_all(data).await.map_err(|e| format!("the app's data folder {}: {e}", data.display()))?;
+        let mut args = vec![bwrap.display().to_string(), "--die-with-parent".into(), "--tmpfs".into(), "/".into()];
+        // Everything of the machine's root but /data, which is the app's own.
+        let mut entries = tokio::fs::read_dir("/").await.map_err(|e| format!("reading /: {e}"))?;
+        while let Some(e) = entries.next_entry().await.map_err(|e| format!("reading /: {e}"))? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "data" {
+                continue;
+            }
+            let path = format!("/{name}");
+            let meta = tokio::fs::symlink_metadata(&path).await.map_err(|e| format!("{path}: {e}"))?;
+            if meta.file_type().is_symlink() {
+                let target = tokio::fs::read_link(&path).await.map_err(|e| format!("{path}: {e}"))?;
+                args.extend(["--symlink".into(), target.display().to_string(), path]);
+            } else {
+                args.extend(["--dev-bind".into(), path.clone(), path]);
+            }
+        }
+        args.extend(["--bind".into(), data.display().to_string(), "/data".into()]);
+        args.extend(["--chdir".into(), dir.display().to_string(), "--".into()]);
+        args.extend(command);
+        Ok(args)
     }
 
     /// The command to start, and variables it needs: a `[python]` app's environment is built first (PULL), and a
@@ -727,6 +796,7 @@ impl HttpApp {
             return Err(format!("the app's directory {} is not a directory", dir.display()));
         }
         let (command, mut env_vars) = self.resolve_command(report).await?;
+        let command = self.with_data_mount(command, &dir).await?;
         let Some(program) = command.first() else {
             return Err("run.command names no program".into());
         };

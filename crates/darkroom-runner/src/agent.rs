@@ -103,6 +103,9 @@ fn deployed_app(app_id: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn M
         Err(_) => Default::default(),
     };
     let mut app = app.with_env(secrets);
+    if let Ok(data) = std::env::var("DARKROOM_APP_DATA_DIR") {
+        app = app.with_data_dir(data);
+    }
     if let Ok(origin) = std::env::var("DARKROOM_APP_FILES_ORIGIN") {
         app = app.with_env([("DARKROOM_FILES_ORIGIN".to_string(), origin)]);
     }

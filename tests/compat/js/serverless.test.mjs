@@ -36,7 +36,7 @@ before(async () => {
   });
   const deployed = JSON.parse(out);
   assert.equal(deployed.app_id, APP);
-  assert.deepEqual([...deployed.endpoints].sort(), ["", "measure", "square"]);
+  assert.deepEqual([...deployed.endpoints].sort(), ["", "count", "measure", "square"]);
 });
 
 after(async () => {

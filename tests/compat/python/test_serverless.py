@@ -88,6 +88,16 @@ def test_input_files_stored_in_darkroom_reach_the_app(deployed: Darkroom, fal) -
 
 
 @pytest.mark.deadline(90)
+def test_data_is_a_persistent_folder_per_app(deployed: Darkroom, fal) -> None:
+    first = fal.run(f"{APP_ID}/count", arguments={})["count"]
+    assert fal.run(f"{APP_ID}/count", arguments={}) == {"count": first + 1}
+    # /data is the app's folder in the server's data directory (mounted with bubblewrap), not the machine's /data.
+    kept = deployed.data_dir / "apps" / "data" / "local" / "hello-app" / "count.txt"
+    assert kept.read_text() == str(first + 1)
+    assert not Path("/data/count.txt").exists()
+
+
+@pytest.mark.deadline(90)
 def test_the_apps_own_validation_answers(deployed: Darkroom, fal) -> None:
     # The app's pydantic 422 reaches the client unchanged.
     with pytest.raises(fal.FalClientHTTPError) as e:
@@ -106,7 +116,7 @@ def test_settings_and_openapi_come_from_the_class(deployed: Darkroom) -> None:
     with _client(deployed) as c:
         app = c.get(f"/v1/apps/{APP_ID}").json()
         assert app["kind"] == "http" and app["version"] >= 1
-        assert sorted(app["endpoints"]) == ["", "measure", "square"]
+        assert sorted(app["endpoints"]) == ["", "count", "measure", "square"]
         assert app["scaling"]["keep_alive"] == 30 and app["scaling"]["max_concurrency"] == 2
         assert app["scaling"]["request_timeout"] == 120
         assert app["fal"]["entry"] == "app.py::HelloApp"
@@ -117,7 +127,8 @@ def test_settings_and_openapi_come_from_the_class(deployed: Darkroom) -> None:
         assert schemas["Input"]["required"] == ["prompt"]
         # The catalog lists it (search and detail), from the class's attributes.
         models = c.get("/v1/models", params={"q": "squares numbers"}).json()["models"]
-        assert [m["endpoint_id"] for m in models] == [APP_ID, f"{APP_ID}/measure", f"{APP_ID}/square"], models
+        ids = [m["endpoint_id"] for m in models]
+        assert ids == [APP_ID, f"{APP_ID}/count", f"{APP_ID}/measure", f"{APP_ID}/square"], models
         assert models[0]["metadata"]["description"] == "Draws a square of colour and squares numbers."
         detail = c.get(f"/v1/models/{APP_ID}").json()
         assert detail["app_id"] == APP_ID and "fal-app" in detail["tags"] and detail["kind"] == "http", detail

@@ -1,8 +1,8 @@
 """A fal app deployed to Darkroom unchanged by the compatibility tests (test_serverless.py, serverless.test.mjs).
 
 It uses what real fal apps use: setup(), endpoints with pydantic models (so its own validation answers 422),
-printed logs, a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself) and a toolkit download
-of an input URL (through the SDK's download guard).
+printed logs, a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself) a toolkit download
+of an input URL (through the SDK's download guard) and fal's persistent /data folder.
 """
 
 import fal
@@ -38,6 +38,10 @@ class MeasureOut(BaseModel):
     height: int
 
 
+class CountOut(BaseModel):
+    count: int
+
+
 class HelloApp(fal.App, keep_alive=30):
     """Draws a square of colour and squares numbers."""
 
@@ -70,6 +74,16 @@ class HelloApp(fal.App, keep_alive=30):
             path = download_file(inp.image_url, target_dir=d)
             with PILImage.open(path) as im:
                 return MeasureOut(width=im.width, height=im.height)
+
+    @fal.endpoint("/count")
+    def count(self) -> CountOut:
+        """Counts its calls in fal's persistent /data folder."""
+        import pathlib
+
+        f = pathlib.Path("/data/count.txt")
+        n = int(f.read_text()) + 1 if f.exists() else 1
+        f.write_text(str(n))
+        return CountOut(count=n)
 
     @fal.endpoint("/square")
     def square(self, inp: SquareIn) -> SquareOut:
