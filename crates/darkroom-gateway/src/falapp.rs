@@ -151,11 +151,9 @@ fn manifest_from(info: &Value, entry: &str, app_id: Option<&str>, owner: &str) -
         Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or("S").to_string(),
         v => v.as_str().unwrap_or("S").to_string(),
     };
-    let (cpu_threads, gpu_memory_mb) = match machine.to_ascii_uppercase().as_str() {
-        m if m.starts_with("GPU") => (Some(1), Some(1)),
-        "M" => (Some(2), None),
-        "L" => (Some(4), None),
-        _ => (Some(1), None),
+    let (cpu_threads, gpu_memory_mb) = match darkroom_models::http_app::machine_resources(&machine) {
+        Some((threads, gpu)) => (Some(threads), gpu),
+        None => (Some(1), None),
     };
     let requirements: Vec<String> = info["requirements"]
         .as_array()
@@ -191,6 +189,7 @@ fn manifest_from(info: &Value, entry: &str, app_id: Option<&str>, owner: &str) -
             max_multiplexing: num(&s["max_multiplexing"]),
             cpu_threads,
             gpu_memory_mb,
+            machine_type: None,
         },
         billing: Default::default(),
         python: Some(PythonSection { requirements }),

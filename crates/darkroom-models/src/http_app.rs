@@ -34,6 +34,7 @@
 //! max_multiplexing = 1
 //! cpu_threads = 1
 //! gpu_memory_mb = 0
+//! machine_type = "S"                    # fal's XS|S (1 thread), M (2), L (4), GPU-… (any GPU); the two above win
 //!
 //! [billing]                             # optional
 //! unit = "request"                      # request | image | megapixel | audio_second | video_second | character
@@ -277,6 +278,21 @@ pub struct ScalingSection {
     pub cpu_threads: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_mb: Option<u64>,
+    /// fal's machine types: `XS` and `S` (1 CPU thread), `M` (2), `L` (4), `GPU-…` (any GPU); `cpu_threads` and
+    /// `gpu_memory_mb` win over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_type: Option<String>,
+}
+
+/// What one of fal's machine types needs here: (CPU threads, GPU memory in MB); None for an unknown type.
+pub fn machine_resources(machine_type: &str) -> Option<(u32, Option<u64>)> {
+    match machine_type.to_ascii_uppercase().as_str() {
+        "XS" | "S" => Some((1, None)),
+        "M" => Some((2, None)),
+        "L" => Some((4, None)),
+        m if m.starts_with("GPU") => Some((1, Some(1))),
+        _ => None,
+    }
 }
 
 /// `[billing]`: what a request is metered by.
@@ -405,6 +421,11 @@ impl HttpAppManifest {
                 bad.push(format!("run.env: the value of '{}' must not contain NUL", k.escape_default()));
             }
         }
+        if let Some(m) = &self.scaling.machine_type
+            && machine_resources(m).is_none()
+        {
+            bad.push(format!("scaling.machine_type: '{}' is not one of XS, S, M, L, GPU-…", m.escape_default()));
+        }
         if let Err(detail) = self.knobs().validate(&[]) {
             for d in detail {
                 let field = d["loc"].as_array().and_then(|l| l.last()).and_then(Value::as_str).unwrap_or("?");
@@ -429,6 +450,7 @@ impl HttpAppManifest {
     /// The app's scaling knobs: `[scaling]` and `[run]`'s timeouts over Darkroom's defaults.
     pub fn knobs(&self) -> ScalingKnobs {
         let s = &self.scaling;
+        let machine = s.machine_type.as_deref().and_then(machine_resources);
         ScalingPatch {
             min_concurrency: s.min_concurrency,
             max_concurrency: s.max_concurrency,
@@ -439,8 +461,8 @@ impl HttpAppManifest {
             max_multiplexing: s.max_multiplexing,
             startup_timeout: self.run.startup_timeout,
             request_timeout: self.run.request_timeout,
-            cpu_threads: s.cpu_threads,
-            gpu_memory_mb: s.gpu_memory_mb,
+            cpu_threads: s.cpu_threads.or(machine.map(|m| m.0)),
+            gpu_memory_mb: s.gpu_memory_mb.or(machine.and_then(|m| m.1)),
         }
         .apply(&ScalingKnobs::default())
     }
@@ -1493,6 +1515,20 @@ mod tests {
 
     async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(LIMIT, f).await.expect("the test took too long")
+    }
+
+    #[test]
+    fn machine_types_set_resources() {
+        let k = manifest("", "[scaling]\nmachine_type = \"M\"").knobs();
+        assert_eq!((k.cpu_threads, k.gpu_memory_mb), (2, 0));
+        let k = manifest("", "[scaling]\nmachine_type = \"GPU-H100\"").knobs();
+        assert!(k.gpu_memory_mb > 0);
+        let k = manifest("", "[scaling]\nmachine_type = \"L\"\ncpu_threads = 3").knobs();
+        assert_eq!(k.cpu_threads, 3);
+        let text =
+            "[app]\nid = \"acme/echo\"\ntitle = \"Echo\"\n[run]\ncommand = [\"x\"]\n[scaling]\nmachine_type = \"XXL\"";
+        let e = HttpAppManifest::from_toml(text).unwrap_err();
+        assert!(e.contains("scaling.machine_type"), "{e}");
     }
 
     #[test]
