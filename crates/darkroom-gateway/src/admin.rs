@@ -25,7 +25,13 @@ pub fn router() -> Router<Arc<Gateway>> {
         .route("/v1/runners", get(list_runners))
         .route("/v1/requests", get(list_requests))
         .route("/v1/requests/{id}", get(show_request).delete(delete_request))
-        .route("/v1/apps", get(list_apps).post(crate::deploy::deploy))
+        .route(
+            "/v1/apps",
+            get(list_apps)
+                .post(crate::deploy::deploy)
+                // Bundles may carry weights: their own limit, above the server's body limit.
+                .layer(axum::extract::DefaultBodyLimit::max(crate::deploy::MAX_BUNDLE)),
+        )
         .route("/v1/apps/{owner}/{alias}/scale", get(get_scale).patch(patch_scale).delete(reset_scale))
 }
 

@@ -36,6 +36,8 @@ use crate::Gateway;
 use crate::error::{ApiErr, ApiResult, err};
 use crate::http::json_response;
 
+/// Largest bundle (gzipped) accepted by `POST /v1/apps` (it is held in memory while it is checked and stored).
+pub const MAX_BUNDLE: usize = 1 << 30;
 /// Largest number of entries in a bundle.
 const MAX_BUNDLE_ENTRIES: usize = 100_000;
 /// Largest unpacked size of a bundle.

@@ -243,6 +243,33 @@ async fn deploy_run_redeploy_remove() {
     assert_server_healthy(&s).await;
 }
 
+/// Bundles larger than the server's request body limit (32 MiB) deploy: they carry weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bundles_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), &[]);
+    let app = write_app(dir.path(), "big", "acme/big", "", "");
+    let manifest = std::fs::read(app.join("darkroom.toml")).unwrap();
+    let server = std::fs::read(app.join("server.py")).unwrap();
+    // 40 MiB that gzip cannot shrink.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let weights: Vec<u8> = (0..40 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let body = tarball(&[("darkroom.toml", &manifest), ("server.py", &server), ("weights.bin", &weights)]);
+    assert!(body.len() > 32 << 20);
+    let (code, v) = post_bundle(&s, &s.admin, body).await;
+    assert_eq!(code, 201, "{v}");
+    assert!(v["bundle_size"].as_u64().unwrap() > 32 << 20, "{v}");
+    let (code, v) = run(&s, "acme/big", json!({"hello": 1})).await;
+    assert_eq!(code, 200, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys() {
     let dir = tempfile::tempdir().unwrap();
