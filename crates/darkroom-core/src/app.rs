@@ -39,6 +39,10 @@ pub struct AppSpec {
     /// How a request is metered (the unit); prices are the operator's (see [`crate::billing`]).
     #[serde(default)]
     pub billing: crate::billing::Billing,
+    /// Paths (relative to the app, as in `/{app}/{path}/realtime`) where a deployed app serves fal's realtime
+    /// WebSocket itself; built-in apps' realtime endpoints are on their `paths`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub realtime: Vec<String>,
 }
 
 /// Catalog metadata of an app.
@@ -143,6 +147,7 @@ mod tests {
             streaming: false,
             catalog: Default::default(),
             billing: Default::default(),
+            realtime: vec![],
         })
         .unwrap()
     }

@@ -143,8 +143,23 @@ fn manifest_from(info: &Value, entry: &str, app_id: Option<&str>, owner: &str) -
                 .collect()
         })
         .unwrap_or_default();
-    if endpoints.is_empty() {
-        return Err(invalid(&["body"], "the app declares no HTTP endpoint (@fal.endpoint)"));
+    // fal's realtime routes end in `/realtime`: clients reach them at `/{app}/{path}/realtime`. Other WebSocket
+    // routes are not served.
+    let realtime: Vec<String> = info["endpoints"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["websocket"].as_bool() == Some(true))
+                .filter_map(|e| e["path"].as_str())
+                .map(|p| p.trim_matches('/'))
+                .filter_map(|p| {
+                    if p == "realtime" { Some(String::new()) } else { p.strip_suffix("/realtime").map(str::to_string) }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if endpoints.is_empty() && realtime.is_empty() {
+        return Err(invalid(&["body"], "the app declares no HTTP endpoint (@fal.endpoint) and no realtime endpoint"));
     }
     let s = &info["settings"];
     let machine = match &info["machine_type"] {
@@ -170,6 +185,7 @@ fn manifest_from(info: &Value, entry: &str, app_id: Option<&str>, owner: &str) -
             license: None,
             endpoints,
             examples: vec![],
+            realtime,
         },
         run: RunSection {
             command: vec![],

@@ -215,7 +215,7 @@ async fn open(gw: &Arc<Gateway>, parts: &mut axum::http::request::Parts, target:
         url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     let who = authorize(gw, &parts.headers, &query, &app_id).await?;
     let app = gw.apps.get(&app_id).ok_or_else(|| err(ErrorType::AppNotFound, format!("App '{app_id}' not found")))?;
-    if !app.has_path(&path) {
+    if !app.has_path(&path) && !app.spec.realtime.contains(&path) {
         return Err(err(ErrorType::EndpointNotFound, format!("Path /{path} not found")));
     }
     let max_buffering = match query.iter().find(|(k, _)| k == "max_buffering") {

@@ -224,6 +224,10 @@ pub struct AppSection {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub examples: Vec<ExampleSection>,
+    /// Paths whose fal realtime WebSocket the app serves itself at `/{path}/realtime` (`""`: `/realtime`); clients
+    /// connect to `/{app}/{path}/realtime` and the runner pipes the msgpack frames through unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub realtime: Vec<String>,
 }
 
 /// An example input shown in the catalog.
@@ -329,6 +333,9 @@ impl HttpAppManifest {
         for p in &mut self.app.endpoints {
             *p = p.trim_matches('/').to_string();
         }
+        for p in &mut self.app.realtime {
+            *p = p.trim_matches('/').to_string();
+        }
         for e in &mut self.app.examples {
             e.path = e.path.trim_matches('/').to_string();
         }
@@ -360,7 +367,7 @@ impl HttpAppManifest {
         if a.license.as_ref().is_some_and(|l| l.trim().is_empty() || l.len() > 128) {
             bad.push("app.license: must be 1 to 128 characters".to_string());
         }
-        if a.endpoints.is_empty() || a.endpoints.len() > 64 {
+        if (a.endpoints.is_empty() && a.realtime.is_empty()) || a.endpoints.len() > 64 {
             bad.push("app.endpoints: must list 1 to 64 paths".to_string());
         }
         for (i, p) in a.endpoints.iter().enumerate() {
@@ -369,6 +376,21 @@ impl HttpAppManifest {
             }
             if a.endpoints[..i].contains(p) {
                 bad.push(format!("app.endpoints: '{}' is listed twice", p.escape_default()));
+            }
+        }
+        if a.realtime.len() > 64 {
+            bad.push("app.realtime: at most 64 paths".to_string());
+        }
+        for p in &a.realtime {
+            let ok = p.is_empty()
+                || p.split('/').all(|s| {
+                    !s.is_empty()
+                        && s != "."
+                        && s != ".."
+                        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                });
+            if !ok {
+                bad.push(format!("app.realtime: '{}' must be segments of [A-Za-z0-9._-]", p.escape_default()));
             }
         }
         for e in &a.examples {
@@ -503,6 +525,7 @@ impl HttpAppManifest {
                     .collect(),
             },
             billing: self.billing(),
+            realtime: a.realtime.clone(),
         }
     }
 }
@@ -998,6 +1021,22 @@ impl HttpApp {
 impl Model for HttpApp {
     fn spec(&self) -> AppSpec {
         self.manifest.spec()
+    }
+
+    fn has_realtime(&self, path: &str) -> bool {
+        self.manifest.app.realtime.iter().any(|p| p == path)
+    }
+
+    fn realtime_passthrough(&self, path: &str) -> Option<String> {
+        if !self.has_realtime(path) {
+            return None;
+        }
+        let port = self.port()?;
+        Some(if path.is_empty() {
+            format!("ws://127.0.0.1:{port}/realtime")
+        } else {
+            format!("ws://127.0.0.1:{port}/{path}/realtime")
+        })
     }
 
     async fn fatal(&self) -> String {

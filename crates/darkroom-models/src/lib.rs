@@ -166,6 +166,11 @@ pub trait Model: Send + Sync + 'static {
     fn has_realtime(&self, _path: &str) -> bool {
         false
     }
+    /// A WebSocket URL that serves this realtime path itself (a deployed app's own route): the runner then pipes
+    /// the session's frames to it unchanged instead of calling [`Model::realtime`] per input.
+    fn realtime_passthrough(&self, _path: &str) -> Option<String> {
+        None
+    }
     /// Returns (with the reason) once the model can serve nothing more, e.g. a deployed app's server died: the
     /// runner then exits and the fleet starts another. The default never returns.
     async fn fatal(&self) -> String {
@@ -241,6 +246,7 @@ pub fn builtin_spec<I: schemars::JsonSchema, O: schemars::JsonSchema>(
         streaming,
         catalog: Default::default(),
         billing: Default::default(),
+        realtime: vec![],
     }
 }
 

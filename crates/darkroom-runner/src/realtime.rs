@@ -1,6 +1,7 @@
 //! Realtime sessions on a runner: the gateway pins a client's WebSocket to this runner and relays its frames over
 //! the control channel. Each session handles its inputs in order, one output per input; msgpack in and out, as
-//! fal's realtime protocol has it.
+//! fal's realtime protocol has it. A deployed app that serves the route itself gets the frames piped to its
+//! WebSocket unchanged ([`pipe`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,6 +100,10 @@ impl Sessions {
         let (tx, mut rx) = mpsc::unbounded_channel::<(bool, String)>();
         let cancel = CancellationToken::new();
         self.open.insert(session_id.clone(), Session { tx, cancel: cancel.clone() });
+        if let Some(url) = model.realtime_passthrough(&path) {
+            tokio::spawn(pipe(url, session_id, rx, cancel, out));
+            return;
+        }
         tokio::spawn(async move {
             let ctx = RealtimeContext { session_id: session_id.clone(), cancel: cancel.clone() };
             loop {
@@ -138,6 +143,7 @@ impl Sessions {
     }
 
     pub fn input(&mut self, session_id: &str, binary: bool, data: String) {
+        // (A session whose task ended is dropped at its next input.)
         if let Some(s) = self.open.get(session_id)
             && s.tx.send((binary, data)).is_err()
         {
@@ -154,6 +160,92 @@ impl Sessions {
     pub fn close_all(&mut self) {
         for (_, s) in self.open.drain() {
             s.cancel.cancel();
+        }
+    }
+}
+
+/// A session on a deployed app's own realtime route: frames go through unchanged both ways (the app speaks fal's
+/// msgpack protocol, its `x-fal-error` frames included); the app closing ends the session.
+async fn pipe(
+    url: String,
+    session_id: String,
+    mut rx: mpsc::UnboundedReceiver<(bool, String)>,
+    cancel: CancellationToken,
+    out: mpsc::UnboundedSender<RunnerFrame>,
+) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let closed = |error: Option<&str>, reason: String| RunnerFrame::RealtimeClosed {
+        session_id: session_id.clone(),
+        error: error.map(str::to_string),
+        reason: Some(reason),
+    };
+    let ws = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = tokio_tungstenite::connect_async(url.as_str()) => r,
+    };
+    let (mut sink, mut stream) = match ws {
+        Ok((ws, _)) => ws.split(),
+        Err(e) => {
+            let _ = out.send(closed(Some("INTERNAL_ERROR"), format!("the app refused the realtime connection: {e}")));
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = sink.send(Message::Close(None)).await;
+                return;
+            }
+            m = rx.recv() => {
+                let Some((binary, data)) = m else {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                };
+                let msg = if binary {
+                    match B64.decode(&data) {
+                        Ok(b) => Message::Binary(b.into()),
+                        Err(e) => {
+                            let (b, d) = error_frame("INVALID_INPUT", &format!("bad frame encoding: {e}"));
+                            let _ = out.send(RunnerFrame::RealtimeOutput { session_id: session_id.clone(), binary: b, data: d });
+                            continue;
+                        }
+                    }
+                } else {
+                    Message::Text(data.into())
+                };
+                if let Err(e) = sink.send(msg).await {
+                    let _ = out.send(closed(Some("INTERNAL_ERROR"), format!("the app's realtime connection failed: {e}")));
+                    return;
+                }
+            }
+            f = stream.next() => {
+                let frame = match f {
+                    Some(Ok(Message::Binary(b))) => RunnerFrame::RealtimeOutput {
+                        session_id: session_id.clone(), binary: true, data: B64.encode(&b),
+                    },
+                    Some(Ok(Message::Text(t))) => RunnerFrame::RealtimeOutput {
+                        session_id: session_id.clone(), binary: false, data: t.to_string(),
+                    },
+                    Some(Ok(Message::Close(c))) => {
+                        let reason = c.map(|c| c.reason.to_string()).filter(|r| !r.is_empty());
+                        let _ = out.send(RunnerFrame::RealtimeClosed { session_id: session_id.clone(), error: None, reason });
+                        return;
+                    }
+                    None => {
+                        let _ = out.send(closed(Some("INTERNAL_ERROR"), "the app closed the realtime connection".into()));
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        let _ = out.send(closed(Some("INTERNAL_ERROR"), format!("the app's realtime connection failed: {e}")));
+                        return;
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                if out.send(frame).is_err() {
+                    return;
+                }
+            }
         }
     }
 }

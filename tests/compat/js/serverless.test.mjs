@@ -12,6 +12,7 @@ import path from "node:path";
 import { execFileSync } from "node:child_process";
 
 import { ValidationError, createFalClient } from "@fal-ai/client";
+import WS from "ws";
 
 import { DARKROOM_BIN, REPO_ROOT, falRewriter, startDarkroom } from "./server.mjs";
 
@@ -21,6 +22,17 @@ const T = { timeout: 90_000 };
 
 let server = null;
 let fal = null;
+
+// The client opens its realtime WebSocket on the global WebSocket with `wss://fal.run/…`, which no middleware sees
+// (recipe J1): point it at this server (Node 20 has no global WebSocket: the `ws` package stands in).
+const BaseWebSocket = globalThis.WebSocket ?? WS;
+const opened = [];
+globalThis.WebSocket = class DarkroomWebSocket extends BaseWebSocket {
+  constructor(url, protocols) {
+    super(String(url).replace(/^wss:\/\/fal\.run\//, server.base.replace(/^http/, "ws") + "/run/"), protocols);
+    opened.push(this);
+  }
+};
 
 before(async () => {
   server = await startDarkroom({ name: "serverless" });
@@ -40,6 +52,14 @@ before(async () => {
 });
 
 after(async () => {
+  for (const s of opened) {
+    try {
+      if (typeof s.terminate === "function") s.terminate();
+      else s.close();
+    } catch {
+      /* already closed */
+    }
+  }
   await server?.stop();
 });
 
@@ -87,5 +107,34 @@ describe("a deployed fal.App through @fal-ai/client", () => {
         return true;
       },
     );
+  });
+
+  test("fal.realtime.connect reaches the app's own @fal.realtime route", T, async () => {
+    const results = [];
+    const errors = [];
+    const conn = fal.realtime.connect(APP, {
+      onResult: (r) => results.push(r),
+      onError: (e) => errors.push(e),
+      throttleInterval: 0,
+    });
+    try {
+      const deadline = Date.now() + 30_000;
+      conn.send({ text: "first" });
+      while (results.length < 1 && errors.length === 0 && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      for (const text of ["second", "third"]) conn.send({ text });
+      while (results.length < 3 && errors.length === 0 && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.deepEqual(errors, []);
+      assert.deepEqual(results, [
+        { text: "FIRST", length: 5 },
+        { text: "SECOND", length: 6 },
+        { text: "THIRD", length: 5 },
+      ]);
+    } finally {
+      conn.close();
+    }
   });
 });

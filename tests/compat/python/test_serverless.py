@@ -98,6 +98,27 @@ def test_data_is_a_persistent_folder_per_app(deployed: Darkroom, fal) -> None:
 
 
 @pytest.mark.deadline(90)
+def test_the_apps_realtime_endpoint_through_the_client(deployed: Darkroom, fal) -> None:
+    # fal_client.realtime: a JWT from /tokens/, then msgpack frames to the app's own @fal.realtime route, piped
+    # through the gateway and the runner unchanged.
+    with fal.realtime(APP_ID) as conn:
+        for word in ("hello", "darkroom", "fal"):
+            conn.send({"text": word})
+            assert conn.recv() == {"text": word.upper(), "length": len(word)}
+        # The app's own validation error arrives as its x-fal-error frame.
+        from fal_client.client import RealtimeError
+
+        conn.send({"text": "x" * 200})
+        with pytest.raises(RealtimeError) as e:
+            conn.recv()
+        assert "validation error for ShoutIn" in str(e.value), e.value
+    # fal's session ends after an error (the app closes it); a new one works.
+    with fal.realtime(APP_ID) as conn:
+        conn.send({"text": "again"})
+        assert conn.recv() == {"text": "AGAIN", "length": 5}
+
+
+@pytest.mark.deadline(90)
 def test_the_apps_own_validation_answers(deployed: Darkroom, fal) -> None:
     # The app's pydantic 422 reaches the client unchanged.
     with pytest.raises(fal.FalClientHTTPError) as e:

@@ -2,7 +2,8 @@
 
 It uses what real fal apps use: setup(), endpoints with pydantic models (so its own validation answers 422),
 printed logs, a toolkit image output (uploaded to Darkroom's storage by the fal SDK itself) a toolkit download
-of an input URL (through the SDK's download guard) and fal's persistent /data folder.
+of an input URL (through the SDK's download guard) fal's persistent /data folder and a
+realtime endpoint.
 """
 
 import fal
@@ -40,6 +41,15 @@ class MeasureOut(BaseModel):
 
 class CountOut(BaseModel):
     count: int
+
+
+class ShoutIn(BaseModel):
+    text: str = Field(..., max_length=100)
+
+
+class ShoutOut(BaseModel):
+    text: str
+    length: int
 
 
 class HelloApp(fal.App, keep_alive=30):
@@ -84,6 +94,11 @@ class HelloApp(fal.App, keep_alive=30):
         n = int(f.read_text()) + 1 if f.exists() else 1
         f.write_text(str(n))
         return CountOut(count=n)
+
+    @fal.realtime("/realtime")
+    def shout(self, inp: ShoutIn) -> ShoutOut:
+        """fal's realtime protocol: msgpack frames, one answer per input."""
+        return ShoutOut(text=inp.text.upper(), length=len(inp.text))
 
     @fal.endpoint("/square")
     def square(self, inp: SquareIn) -> SquareOut:
