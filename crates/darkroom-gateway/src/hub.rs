@@ -604,7 +604,15 @@ async fn serve_runner(gw: Arc<Gateway>, mut socket: WebSocket, token_app: Option
             }
             out = rx.recv() => {
                 let Some(frame) = out else { break };
-                if socket.send(send_frame(&frame)).await.is_err() { break; }
+                // Whatever else is queued goes out in the same write (realtime frames under load), then one flush.
+                let mut failed = futures::SinkExt::feed(&mut socket, send_frame(&frame)).await.is_err();
+                let mut more = 0;
+                while !failed && more < 64 {
+                    let Ok(next) = rx.try_recv() else { break };
+                    failed = futures::SinkExt::feed(&mut socket, send_frame(&next)).await.is_err();
+                    more += 1;
+                }
+                if failed || futures::SinkExt::flush(&mut socket).await.is_err() { break; }
             }
             _ = gw.shutdown.cancelled() => {
                 let _ = socket.send(send_frame(&GatewayFrame::Shutdown { reason: "gateway shutting down".into() })).await;

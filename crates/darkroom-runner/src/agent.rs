@@ -411,11 +411,29 @@ async fn connect_and_serve(
                 }
             }
             Some(frame) = out_rx.recv() => {
-                if let RunnerFrame::Complete { job_id, token, .. } = &frame
-                    && jobs.get(job_id).is_some_and(|r| r.token == *token) {
-                        jobs.remove(job_id);
+                // Whatever else is queued goes out in the same write (realtime frames under load), then one flush.
+                let mut batch = vec![frame];
+                while batch.len() < 64 {
+                    match out_rx.try_recv() {
+                        Ok(f) => batch.push(f),
+                        Err(_) => break,
                     }
-                if let Err(e) = sink.send(Message::text(serde_json::to_string(&frame)?)).await {
+                }
+                let mut failed = None;
+                for frame in batch {
+                    if let RunnerFrame::Complete { job_id, token, .. } = &frame
+                        && jobs.get(job_id).is_some_and(|r| r.token == *token) {
+                            jobs.remove(job_id);
+                        }
+                    if let Err(e) = sink.feed(Message::text(serde_json::to_string(&frame)?)).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e.into());
+                }
+                if let Err(e) = sink.flush().await {
                     break Err(e.into());
                 }
             }
