@@ -612,6 +612,38 @@ fn child_env(
     env
 }
 
+/// bubblewrap, once it has been seen to work here (it needs mount namespaces, which a container may deny).
+async fn usable_bwrap() -> Result<PathBuf, String> {
+    static PROBE: tokio::sync::OnceCell<Result<PathBuf, String>> = tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            let bwrap = which_program("bwrap").ok_or_else(|| {
+                "bubblewrap (bwrap) is not installed (Debian and Ubuntu: apt install bubblewrap)".to_string()
+            })?;
+            let out = tokio::process::Command::new(&bwrap)
+                // The machine's root as it is (nothing is mounted over it, so nothing is created on it).
+                .args(["--die-with-parent", "--dev-bind", "/", "/", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| format!("bubblewrap could not run: {e}"))?;
+            if out.status.success() {
+                Ok(bwrap)
+            } else {
+                Err(format!(
+                    "bubblewrap does not work here ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        })
+        .await
+        .clone()
+}
+
 /// A program on PATH.
 fn which_program(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
@@ -734,14 +766,15 @@ impl HttpApp {
         if !wanted {
             return Ok(command);
         }
-        let Some(bwrap) = which_program("bwrap") else {
-            if required {
-                return Err("the app asks for /data ([run] data = true), which needs bubblewrap: install it (Debian \
-                            and Ubuntu: apt install bubblewrap) on the runner's machine"
-                    .into());
+        let bwrap = match usable_bwrap().await {
+            Ok(b) => b,
+            Err(why) => {
+                if required {
+                    return Err(format!("the app asks for /data ([run] data = true), which needs bubblewrap: {why}"));
+                }
+                tracing::warn!(app = %self.manifest.app.id, "the app runs without /data: {why}");
+                return Ok(command);
             }
-            tracing::warn!(app = %self.manifest.app.id, "bubblewrap (bwrap) is not installed: the app runs without /data");
-            return Ok(command);
         };
         let Some(data) = &self.data_dir else {
             if required {
