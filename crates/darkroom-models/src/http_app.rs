@@ -617,7 +617,7 @@ async fn usable_bwrap() -> Result<PathBuf, String> {
     static PROBE: tokio::sync::OnceCell<Result<PathBuf, String>> = tokio::sync::OnceCell::const_new();
     PROBE
         .get_or_init(|| async {
-            let bwrap = which_program("bwrap").ok_or_else(|| {
+            let bwrap = crate::pyenv::which("bwrap").ok_or_else(|| {
                 "bubblewrap (bwrap) is not installed (Debian and Ubuntu: apt install bubblewrap)".to_string()
             })?;
             let out = tokio::process::Command::new(&bwrap)
@@ -642,11 +642,6 @@ async fn usable_bwrap() -> Result<PathBuf, String> {
         })
         .await
         .clone()
-}
-
-/// A program on PATH.
-fn which_program(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }
 
 /// A program with a `/` in its name is relative to the app's directory (not to the runner's).

@@ -194,7 +194,8 @@ async fn build(
     Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// A program on PATH.
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }
 
