@@ -48,3 +48,16 @@ macro_rules! deployment_from_row {
     }};
 }
 pub(crate) use deployment_from_row;
+
+macro_rules! secret_from_row {
+    ($r:expr) => {{
+        use sqlx::Row as _;
+        let r = $r;
+        $crate::deploy::SecretRecord {
+            name: r.try_get("name")?,
+            sealed: r.try_get("value")?,
+            updated_at: r.try_get("updated_at")?,
+        }
+    }};
+}
+pub(crate) use secret_from_row;

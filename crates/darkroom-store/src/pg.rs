@@ -1426,15 +1426,7 @@ impl Store for PgStore {
     async fn list_secrets(&self) -> StoreResult<Vec<SecretRecord>> {
         let rows =
             sqlx::query("SELECT name, value, updated_at FROM secrets ORDER BY name").fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SecretRecord {
-                    name: r.try_get("name")?,
-                    sealed: r.try_get("value")?,
-                    updated_at: r.try_get("updated_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| Ok(crate::deploy::secret_from_row!(r))).collect()
     }
 
     async fn delete_secret(&self, name: &str) -> StoreResult<bool> {

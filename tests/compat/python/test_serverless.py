@@ -23,14 +23,19 @@ APP_FILE = Path(__file__).resolve().parent / "fal_app" / "app.py"
 APP_ID = "local/hello-app"
 
 
-@pytest.fixture(scope="module")
-def deployed(darkroom: Darkroom) -> Darkroom:
-    out = subprocess.run(
-        [str(darkroom.bin), "apps", "deploy", f"{APP_FILE}::HelloApp", "--data-dir", str(darkroom.data_dir), "--json"],
+def deploy(dr: Darkroom, target: str, *extra: str) -> subprocess.CompletedProcess:
+    """`darkroom apps deploy TARGET` against the test server."""
+    return subprocess.run(
+        [str(dr.bin), "apps", "deploy", target, "--data-dir", str(dr.data_dir), *extra],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.fixture(scope="module")
+def deployed(darkroom: Darkroom) -> Darkroom:
+    out = deploy(darkroom, f"{APP_FILE}::HelloApp", "--json")
     assert out.returncode == 0, f"deploy failed:\n{out.stdout}\n{out.stderr}\n{darkroom.log_tail()}"
     return darkroom
 
@@ -164,20 +169,10 @@ def test_a_broken_fal_app_is_refused_at_deploy(darkroom: Darkroom, tmp_path: Pat
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "app.py").write_text("import fal\nraise RuntimeError('this app cannot even import')\n")
-    out = subprocess.run(
-        [str(darkroom.bin), "apps", "deploy", f"{bad / 'app.py'}::Nope", "--data-dir", str(darkroom.data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = deploy(darkroom, f"{bad / 'app.py'}::Nope")
     assert out.returncode != 0
     assert "this app cannot even import" in out.stderr, out.stderr
     # A class that is not a fal.App.
     (bad / "app.py").write_text("class Nope:\n    pass\n")
-    out = subprocess.run(
-        [str(darkroom.bin), "apps", "deploy", f"{bad / 'app.py'}::Nope", "--data-dir", str(darkroom.data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = deploy(darkroom, f"{bad / 'app.py'}::Nope")
     assert out.returncode != 0 and "not a fal.App" in out.stderr, out.stderr
