@@ -176,7 +176,7 @@ struct Processed {
 }
 
 /// Decodes under limits and applies the EXIF orientation. Errors are 422s naming `image_url`.
-fn decode(data: &[u8]) -> Result<(DynamicImage, ImageFormat), ModelError> {
+pub(crate) fn decode(data: &[u8]) -> Result<(DynamicImage, ImageFormat), ModelError> {
     let format = image::guess_format(data).map_err(|_| {
         field_error("image_url", "Could not decode the image: unrecognised format (expected PNG, JPEG or WebP)")
     })?;

@@ -16,6 +16,7 @@ pub mod http_app;
 pub mod image_utils;
 pub mod piper;
 pub mod pyenv;
+pub mod sd_turbo;
 pub mod store;
 pub mod whisper;
 
@@ -212,6 +213,7 @@ pub fn builtin_specs() -> Vec<AppSpec> {
         image_utils::ImageUtils.spec(),
         whisper::WhisperApp::new().spec(),
         piper::PiperTts::new().spec(),
+        sd_turbo::SdTurbo::new().spec(),
     ]
 }
 
@@ -222,6 +224,7 @@ pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
         image_utils::APP_ID => Some(Arc::new(image_utils::ImageUtils)),
         whisper::APP_ID => Some(Arc::new(whisper::WhisperApp::new())),
         piper::APP_ID => Some(Arc::new(piper::PiperTts::new())),
+        sd_turbo::APP_ID => Some(Arc::new(sd_turbo::SdTurbo::new())),
         _ => None,
     }
 }

@@ -66,6 +66,15 @@ pub enum ModelsCommand {
     },
     /// Print a model's manifest (JSON): files, hashes, sources, conversions.
     Show { id: String },
+    /// Write a tiny random-weight checkpoint of a built-in model's architecture into a folder, to try the whole
+    /// pipeline (loading, scheduler, streaming, outputs) in seconds without the real weights; its outputs are
+    /// noise. Register it with `darkroom models add ID --base MODEL --from DIR`. Supported: sd-turbo.
+    MakeTiny {
+        /// The architecture: `sd-turbo`.
+        model: String,
+        /// The folder to write (created; files in it are replaced).
+        dir: PathBuf,
+    },
 }
 
 fn human(bytes: u64) -> String {
@@ -227,6 +236,15 @@ pub async fn run(args: &StoreArgs, cmd: ModelsCommand) -> anyhow::Result<()> {
             let m = store.manifest(&id)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
         }
+        ModelsCommand::MakeTiny { model, dir } => match model.as_str() {
+            darkroom_models::store::builtin::SD_TURBO => {
+                darkroom_models::sd_turbo::write_tiny_checkpoint(&dir)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                println!("wrote a tiny random-weight {model} checkpoint to {}", dir.display());
+            }
+            other => bail!("no tiny checkpoint for {other:?}: supported: sd-turbo"),
+        },
     }
     Ok(())
 }

@@ -237,6 +237,25 @@ def launch_darkroom(base: Path, extra_args: list[str], *, name: str = "darkroom"
     return dr
 
 
+def _register_tiny_models(base: Path) -> None:
+    """SD-Turbo's real weights come only from the Hugging Face Hub, which tests never reach: the suite runs
+    ``darkroom/sd-turbo`` on a tiny random-weight checkpoint of the same architecture (``darkroom models make-tiny``),
+    registered as ``sd-turbo-tiny`` in the model cache the server reads and chosen with DARKROOM_SD_TURBO_MODEL.
+    The checkpoint is the same bytes every time, so registering it again changes nothing."""
+    if os.environ.get("DARKROOM_SD_TURBO_MODEL"):
+        return
+    binary = str(_darkroom_bin())
+    folder = base / "sd-turbo-tiny"
+    for args in (
+        ["models", "make-tiny", "sd-turbo", str(folder)],
+        ["models", "add", "sd-turbo-tiny", "--base", "sd-turbo", "--from", str(folder)],
+    ):
+        done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            pytest.fail(f"darkroom {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    os.environ["DARKROOM_SD_TURBO_MODEL"] = "sd-turbo-tiny"
+
+
 @pytest.fixture(scope="session")
 def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
     if "fal_client" in sys.modules:
@@ -247,6 +266,7 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
         )
 
     base = tmp_path_factory.mktemp("darkroom")
+    _register_tiny_models(base)
     dr = launch_darkroom(
         base,
         [

@@ -43,10 +43,13 @@ pub const RDN_MEDIUM: &str = "rdn-medium";
 pub const REALESRGAN: &str = "realesrgan";
 /// Kokoro-82M int8 ONNX with Japanese voices (Apache-2.0), shipped in four PyPI parts, joined into one file.
 pub const KOKORO_JA: &str = "kokoro-82m-ja";
+/// SD-Turbo (Stable Diffusion 2.1 distilled to 1–4 steps; Stability AI Community License) from the hub, fp16.
+pub const SD_TURBO: &str = "sd-turbo";
 
 /// Every built-in manifest.
 pub fn manifests() -> Vec<Manifest> {
     let mut all = vec![whisper_tiny_en(), piper_joe(), rdn_slim(), rdn_medium(), realesrgan(), kokoro_ja()];
+    all.push(sd_turbo());
     if let Some(m) = onnxruntime() {
         all.push(m);
     }
@@ -313,6 +316,36 @@ fn realesrgan() -> Manifest {
             platforms: vec!["manylinux1_x86_64".into()],
             files: map(&pairs),
         }],
+        base: None,
+    }
+}
+
+/// SD-Turbo in diffusers' layout from `stabilityai/sd-turbo` (the `fp16` variant: half the download; loaded as f32
+/// on CPU). No package registry carries it: the files are held to the hub's own content hashes. Local names are
+/// diffusers' plain names, so a fine-tune saved with `save_pretrained` registers against it as is.
+fn sd_turbo() -> Manifest {
+    let pairs: Vec<(&str, &str)> = vec![
+        ("text_encoder/config.json", "text_encoder/config.json"),
+        ("text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"),
+        ("unet/config.json", "unet/config.json"),
+        ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"),
+        ("vae/config.json", "vae/config.json"),
+        ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"),
+        ("tokenizer/vocab.json", "tokenizer/vocab.json"),
+        ("tokenizer/merges.txt", "tokenizer/merges.txt"),
+        ("tokenizer/special_tokens_map.json", "tokenizer/special_tokens_map.json"),
+        ("scheduler/scheduler_config.json", "scheduler/scheduler_config.json"),
+    ];
+    Manifest {
+        id: SD_TURBO.into(),
+        description: "SD-Turbo text-to-image (Stable Diffusion 2.1 architecture, 1-4 steps, 512x512), fp16 weights \
+                      downloaded from the Hugging Face Hub (stabilityai/sd-turbo, about 2.6 GB)"
+            .into(),
+        license: "LicenseRef-stability-ai-community".into(),
+        files: pairs.iter().map(|(n, _)| FileSpec { name: n.to_string(), sha256: None, size: None }).collect(),
+        inputs: vec![],
+        convert: vec![],
+        sources: vec![Source::Hub { repo: "stabilityai/sd-turbo".into(), revision: "main".into(), files: map(&pairs) }],
         base: None,
     }
 }

@@ -1,0 +1,337 @@
+//! SD-Turbo's pipeline on tiny random-weight checkpoints of the same architecture (no registry carries the real
+//! weights): every stage runs through the real loading code, scheduler and VAE.
+
+use super::*;
+use crate::ModelEvent;
+use crate::files::parse_data_uri;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+fn tiny() -> (tempfile::TempDir, Pipeline) {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let p = Pipeline::from_dir(d.path(), Device::Cpu).unwrap();
+    (d, p)
+}
+
+fn request(seed: u64) -> Request {
+    Request {
+        prompt: "the cat".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 48,
+        steps: 2,
+        guidance_scale: 0.0,
+        seed,
+        init_image: None,
+        strength: 1.0,
+    }
+}
+
+fn run(p: &Pipeline, req: &Request, count: usize) -> (Vec<RgbImage>, Vec<(usize, usize, usize)>) {
+    let mut steps = vec![];
+    let imgs = p
+        .generate(req, count, &|| false, &mut |e| {
+            if let Event::Step { image, step, steps: n, preview } = e {
+                assert_eq!(preview.dimensions(), (req.width / 2, req.height / 2), "previews are at latent size");
+                steps.push((image, step, n));
+            }
+        })
+        .unwrap();
+    (imgs, steps)
+}
+
+fn differ(a: &RgbImage, b: &RgbImage) -> usize {
+    a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count()
+}
+
+#[test]
+fn trailing_euler_matches_diffusers() {
+    let j = json!({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "num_train_timesteps": 1000, "timestep_spacing": "trailing"});
+    let s = EulerScheduler::from_json(&j).unwrap();
+    assert_eq!(s.timesteps(1), vec![999.0]);
+    assert_eq!(s.timesteps(2), vec![999.0, 499.0]);
+    assert_eq!(s.timesteps(4), vec![999.0, 749.0, 499.0, 249.0]);
+    // diffusers: EulerDiscreteScheduler(...).sigmas for SD's betas: σ(999) = 14.6146, σ(499) = 0.9986 (approx.).
+    assert!((s.sigma(999.0) - 14.6146).abs() < 1e-3, "{}", s.sigma(999.0));
+    assert!((s.sigma(0.0) - 0.02916).abs() < 1e-4, "{}", s.sigma(0.0));
+    // One step from pure noise ends at σ = 0.
+    let plan = s.plan(1, 1.0);
+    assert_eq!(plan.len(), 1);
+    assert_eq!((plan[0].0, plan[0].2), (999.0, 0.0));
+    // Image-to-image: strength 0.5 with one step runs the second half of a 2-step schedule.
+    assert_eq!(s.plan(1, 0.5).iter().map(|p| p.0).collect::<Vec<_>>(), vec![499.0]);
+    assert_eq!(s.plan(2, 0.5).iter().map(|p| p.0).collect::<Vec<_>>(), vec![499.0, 249.0]);
+    assert_eq!(s.plan(2, 1.0).iter().map(|p| p.0).collect::<Vec<_>>(), vec![999.0, 499.0]);
+    let lead = EulerScheduler::from_json(&json!({"timestep_spacing": "leading", "steps_offset": 1})).unwrap();
+    assert_eq!(lead.timesteps(4), vec![751.0, 501.0, 251.0, 1.0]);
+    assert!(lead.init_sigma(lead.sigma(751.0)) > lead.sigma(751.0));
+}
+
+#[test]
+fn configs_are_read_from_diffusers_json() {
+    // SD-Turbo's own UNet config (stabilityai/sd-turbo unet/config.json, the fields that matter).
+    let j = json!({"block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "layers_per_block": 2,
+        "use_linear_projection": true, "norm_num_groups": 32, "in_channels": 4, "out_channels": 4});
+    let (c, i, o) = unet_config(&j).unwrap();
+    assert_eq!((i, o, c.cross_attention_dim, c.layers_per_block), (4, 4, 1024, 2));
+    assert_eq!(c.blocks[0].use_cross_attn, Some(1));
+    assert_eq!(c.blocks[3].use_cross_attn, None);
+    assert_eq!(c.blocks[2].attention_head_dim, 20);
+    assert!(c.use_linear_projection);
+    let bad = json!({"block_out_channels": [32], "down_block_types": ["SimpleDownBlock"], "cross_attention_dim": 8});
+    assert!(unet_config(&bad).unwrap_err().contains("SimpleDownBlock"));
+    let clip = json!({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                      "num_attention_heads": 16, "hidden_act": "gelu"});
+    let c = ClipConfig::from_json(&clip).unwrap();
+    assert!(!c.quick_gelu && c.vocab_size == 49408 && c.max_position_embeddings == 77);
+    assert!(ClipConfig::from_json(&json!({"hidden_act": "relu"})).is_err());
+}
+
+#[test]
+fn the_tokenizer_splits_lowercases_and_pads() {
+    let (_d, p) = tiny();
+    let ids = p.token_ids("The   CAT").unwrap();
+    let id = |t: &str| p.tokenizer.token_to_id(t).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!(&ids[..4], &[id("<|startoftext|>"), id("the</w>"), id("cat</w>"), id("<|endoftext|>")]);
+    assert!(ids[4..].iter().all(|&i| i == id("!")), "padded with the checkpoint's pad token");
+    // Long prompts are cut to fit, keeping the end token.
+    let long = "a ".repeat(200);
+    let ids = p.token_ids(&long).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!(ids[76], id("<|endoftext|>"));
+}
+
+#[test]
+fn text_to_image_is_deterministic_by_seed() {
+    let (_d, p) = tiny();
+    let t = Instant::now();
+    let (a, steps) = run(&p, &request(7), 1);
+    eprintln!("tiny text-to-image, 2 steps: {:?}", t.elapsed());
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].dimensions(), (64, 48));
+    assert_eq!(steps, vec![(0, 1, 2), (0, 2, 2)]);
+    let (b, _) = run(&p, &request(7), 1);
+    assert_eq!(a[0], b[0], "same seed, same image");
+    let (c, _) = run(&p, &request(8), 1);
+    assert!(differ(&a[0], &c[0]) > 100, "another seed, another image");
+    // A batch: image i uses seed + i.
+    let (batch, steps) = run(&p, &request(7), 2);
+    assert_eq!(batch[0], a[0]);
+    assert_eq!(batch[1], c[0]);
+    assert_eq!(steps.len(), 4);
+    // Guidance runs the negative prompt too and changes the result.
+    let mut g = request(7);
+    g.guidance_scale = 3.0;
+    g.negative_prompt = "the".into();
+    let (gi, _) = run(&p, &g, 1);
+    assert!(differ(&gi[0], &a[0]) > 0);
+}
+
+#[test]
+fn image_to_image_starts_from_the_image() {
+    let (_d, p) = tiny();
+    let init = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
+    let mut req = request(3);
+    req.init_image = Some(init.clone());
+    req.strength = 0.5;
+    req.steps = 1;
+    let (a, steps) = run(&p, &req, 1);
+    assert_eq!(steps, vec![(0, 1, 1)]);
+    assert_eq!(a[0].dimensions(), (64, 48));
+    let (b, _) = run(&p, &req, 1);
+    assert_eq!(a[0], b[0], "same seed, same image");
+    // Another starting image gives another result.
+    req.init_image = Some(RgbImage::from_pixel(64, 48, image::Rgb([250, 10, 10])));
+    let (c, _) = run(&p, &req, 1);
+    assert!(differ(&a[0], &c[0]) > 0);
+    // Strength 1 ignores the image's content only in the noise level, but still runs.
+    req.strength = 1.0;
+    req.steps = 2;
+    let (_, steps) = run(&p, &req, 1);
+    assert_eq!(steps.len(), 2);
+}
+
+#[test]
+fn cancellation_stops_between_steps() {
+    let (_d, p) = tiny();
+    let seen = std::cell::Cell::new(0);
+    let mut req = request(1);
+    req.steps = 4;
+    let r = p.generate(&req, 1, &|| seen.get() >= 1, &mut |e| {
+        if let Event::Step { .. } = e {
+            seen.set(seen.get() + 1);
+        }
+    });
+    assert!(matches!(r, Err(GenError::Cancelled)));
+    assert_eq!(seen.get(), 1, "stopped after the first step");
+}
+
+fn ctx(path: &str, cancel: CancellationToken) -> (RunContext, mpsc::UnboundedReceiver<ModelEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (RunContext::new("r".into(), 1, path.into(), cancel, tx), rx)
+}
+
+fn png_uri(img: &RgbImage) -> String {
+    let mut buf = vec![];
+    img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut buf)).unwrap();
+    crate::files::data_uri("image/png", &buf)
+}
+
+fn loc(e: &ModelError) -> Value {
+    match e {
+        ModelError::App { status: 422, body } => body["detail"][0]["loc"].clone(),
+        other => panic!("not a 422: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_app_draws_streams_previews_and_validates() {
+    let (_d, p) = tiny();
+    let app = SdTurbo::with_pipeline(p);
+    let input = json!({"prompt": "the cat", "image_size": {"width": 64, "height": 72}, "num_inference_steps": 2,
+                       "seed": 11, "output_format": "png", "num_images": 2});
+    let (c, mut rx) = ctx("", CancellationToken::new());
+    let out = app.run(input.clone(), c).await.unwrap();
+    assert_eq!(out["seed"], 11);
+    assert_eq!(out["prompt"], "the cat");
+    assert!(out["timings"]["inference"].as_f64().unwrap() > 0.0);
+    assert!(out.get("has_nsfw_concepts").is_none(), "no safety checker runs, so none is reported");
+    let images = out["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let first = parse_data_uri(images[0]["url"].as_str().unwrap(), u64::MAX).unwrap();
+    let img = image::load_from_memory(&first.data).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 72));
+    assert_eq!(images[0]["content_type"], "image/png");
+    assert_eq!((images[0]["width"].as_u64(), images[0]["height"].as_u64()), (Some(64), Some(72)));
+    let (mut previews, mut progress, mut billed) = (0, vec![], None);
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            ModelEvent::Partial(v) => {
+                assert_eq!(v["preview"], true);
+                assert!(v["images"][0]["url"].as_str().unwrap().starts_with("data:image/jpeg;base64,"));
+                previews += 1;
+            }
+            ModelEvent::Progress { fraction, .. } => progress.push(fraction),
+            ModelEvent::BillableUnits(u) => billed = Some(u),
+            ModelEvent::Log { .. } => {}
+        }
+    }
+    assert_eq!(previews, 4, "one preview per step per image");
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert_eq!(progress.last(), Some(&1.0));
+    assert_eq!(billed, Some(64.0 * 72.0 * 2.0 / 1e6));
+    // Same input, same images.
+    let (c, _rx) = ctx("", CancellationToken::new());
+    let again = app.run(input, c).await.unwrap();
+    assert_eq!(again["images"][0]["url"], images[0]["url"]);
+
+    // Image-to-image takes the image's size (rounded to a multiple of 8) by default.
+    let init = RgbImage::from_fn(90, 70, |x, y| image::Rgb([(x * 3) as u8, (y * 6) as u8, 90]));
+    let (c, _rx) = ctx(IMAGE_TO_IMAGE, CancellationToken::new());
+    let out = app
+        .run(json!({"prompt": "the cat", "image_url": png_uri(&init), "strength": 0.5, "seed": 1}), c)
+        .await
+        .unwrap();
+    assert_eq!((out["images"][0]["width"].as_u64(), out["images"][0]["height"].as_u64()), (Some(88), Some(64)));
+    assert_eq!(out["images"][0]["content_type"], "image/jpeg");
+
+    // Bad input: 422s naming the field.
+    let bad = [
+        (
+            "",
+            json!({"prompt": "x", "image_size": {"width": 100, "height": 64}}),
+            json!(["body", "image_size", "width"]),
+        ),
+        ("", json!({"prompt": "  "}), json!(["body", "prompt"])),
+        ("", json!({"prompt": "x", "image_url": png_uri(&init)}), json!(["body", "image_url"])),
+        (IMAGE_TO_IMAGE, json!({"prompt": "x"}), json!(["body", "image_url"])),
+        (
+            IMAGE_TO_IMAGE,
+            json!({"prompt": "x", "image_url": "data:image/png;base64,AAAA"}),
+            json!(["body", "image_url"]),
+        ),
+    ];
+    for (path, input, want) in bad {
+        let (c, _rx) = ctx(path, CancellationToken::new());
+        let e = app.run(input.clone(), c).await.unwrap_err();
+        assert_eq!(loc(&e), want, "{input}");
+    }
+    // A cancelled request stops.
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let (c, _rx) = ctx("", cancel);
+    assert_eq!(
+        app.run(json!({"prompt": "the cat", "image_size": {"width": 64, "height": 64}}), c).await.unwrap_err(),
+        ModelError::Cancelled
+    );
+}
+
+#[test]
+fn the_gateway_schema_rejects_bad_sizes_without_weights() {
+    let app = darkroom_core::app::CompiledApp::compile(SdTurbo::new().spec()).unwrap();
+    assert!(app.validate(&json!({"prompt": "a fox"})).is_ok());
+    assert!(app.validate(&json!({"prompt": "a fox", "image_size": "landscape_16_9", "seed": 3})).is_ok());
+    assert!(app.validate(&json!({"prompt": "a fox", "image_size": {"width": 512, "height": 768}})).is_ok());
+    for bad in [
+        json!({"prompt": "a fox", "image_size": {"width": 500, "height": 512}}),
+        json!({"prompt": "a fox", "image_size": {"width": 2048, "height": 512}}),
+        json!({"prompt": "a fox", "image_size": "square_xl"}),
+        json!({"prompt": "a fox", "num_inference_steps": 0}),
+        json!({"prompt": "a fox", "num_images": 9}),
+        json!({"prompt": "a fox", "output_format": "gif"}),
+        json!({"image_size": "square"}),
+    ] {
+        let e = app.validate(&bad).unwrap_err();
+        assert_eq!(e.status, 422, "{bad}");
+        let loc = &e.detail.unwrap()[0]["loc"];
+        assert_eq!(loc[0], "body", "{bad}");
+    }
+    let e = app.validate(&json!({"prompt": "a fox", "image_size": {"width": 500, "height": 512}})).unwrap_err();
+    let loc = e.detail.unwrap()[0]["loc"].clone();
+    assert_eq!(loc[1], "image_size", "{loc}");
+}
+
+#[tokio::test]
+async fn setup_without_weights_offline_names_the_pull_command() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = crate::store::StoreConfig::from_env();
+    cfg.root = d.path().join("models");
+    cfg.hf_cache = d.path().join("hf");
+    cfg.offline = true;
+    let app = SdTurbo::with_store(ModelStore::new(cfg));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let e = app.setup(&SetupReporter(tx)).await.unwrap_err();
+    assert!(e.contains("sd-turbo"), "{e}");
+    assert!(e.contains("darkroom models pull"), "{e}");
+}
+
+#[tokio::test]
+async fn a_tiny_checkpoint_is_reproducible_and_registers_as_a_fine_tune() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_tiny_checkpoint(a.path()).unwrap();
+    write_tiny_checkpoint(b.path()).unwrap();
+    for f in FILES {
+        assert!(std::fs::read(a.path().join(f)).unwrap() == std::fs::read(b.path().join(f)).unwrap(), "{f} differs");
+    }
+    // `darkroom models add sd-turbo-tiny --base sd-turbo --from DIR`: the files the base loads, hashed and installed.
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = crate::store::StoreConfig::from_env();
+    cfg.root = d.path().join("models");
+    cfg.hf_cache = d.path().join("hf");
+    cfg.offline = true;
+    let store = ModelStore::new(cfg);
+    let installed =
+        store.register_local("sd-turbo-tiny", builtin::SD_TURBO, a.path(), &crate::store::Quiet).await.unwrap();
+    let p = Pipeline::from_dir(&installed.dir, Device::Cpu).unwrap();
+    let (imgs, _) = run(&p, &request(5), 1);
+    assert_eq!(imgs[0].dimensions(), (64, 48));
+    // A folder without the UNet is refused, naming what is missing.
+    std::fs::remove_file(b.path().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let e = store.register_local("broken", builtin::SD_TURBO, b.path(), &crate::store::Quiet).await.unwrap_err();
+    assert!(e.to_string().contains("unet/diffusion_pytorch_model.safetensors"), "{e}");
+}
