@@ -285,7 +285,7 @@ fn crop(img: &DynamicImage, input: &ImageUtilsInput) -> Result<DynamicImage, Mod
     Ok(img.crop_imm(input.x, input.y, cw, ch))
 }
 
-fn encode(img: DynamicImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn encode(img: DynamicImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::new();
     match format {
         OutputFormat::Png => img.write_with_encoder(PngEncoder::new(&mut out))?,

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod audio;
+pub mod background;
 pub mod diagnostics;
 pub mod files;
 pub mod http_app;
@@ -213,6 +214,7 @@ pub fn builtin_specs() -> Vec<AppSpec> {
         image_utils::ImageUtils.spec(),
         whisper::WhisperApp::new().spec(),
         piper::PiperTts::new().spec(),
+        background::RemoveBackground::new().spec(),
         sd_turbo::SdTurbo::new().spec(),
     ]
 }
@@ -224,6 +226,7 @@ pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
         image_utils::APP_ID => Some(Arc::new(image_utils::ImageUtils)),
         whisper::APP_ID => Some(Arc::new(whisper::WhisperApp::new())),
         piper::APP_ID => Some(Arc::new(piper::PiperTts::new())),
+        background::APP_ID => Some(Arc::new(background::RemoveBackground::new())),
         sd_turbo::APP_ID => Some(Arc::new(sd_turbo::SdTurbo::new())),
         _ => None,
     }

@@ -285,8 +285,39 @@ pub fn ort_environment(library: &Path) -> Result<Environment, String> {
     Ok(env)
 }
 
+/// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the store's `onnxruntime` model (fetched if needed; reported as
+/// the runner's PULL state when `report` is given).
+pub(crate) async fn ort_library(store: &ModelStore, report: Option<&SetupReporter>) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    if store.manifest(builtin::ONNXRUNTIME).is_err() {
+        return Err(format!(
+            "app_setup_failed: the model store has no ONNX Runtime {ORT_RUNTIME_VERSION} library for this platform; \
+             set ORT_DYLIB_PATH to one (libonnxruntime.so / .dylib / .dll)"
+        ));
+    }
+    let installed = match report {
+        Some(r) => store::pull_for_setup(store, builtin::ONNXRUNTIME, r).await?,
+        None => store.ensure(builtin::ONNXRUNTIME, &Quiet).await.map_err(|e| format!("{}: {e}", e.error_type()))?,
+    };
+    Ok(installed.path(ORT_LIBRARY))
+}
+
+/// The process's ONNX Runtime environment, loading the library ([`ort_library`]) the first time.
+pub(crate) async fn ort_environment_from_store(
+    store: &ModelStore,
+    report: Option<&SetupReporter>,
+) -> Result<Environment, String> {
+    if let Some(env) = ORT_ENV.get() {
+        return Ok(env.clone());
+    }
+    let lib = ort_library(store, report).await?;
+    tokio::task::spawn_blocking(move || ort_environment(&lib)).await.map_err(|e| e.to_string())?
+}
+
 /// `DARKROOM_THREADS` (set by the runner to its pinned cores), else the cores this process may use.
-fn intra_threads() -> usize {
+pub(crate) fn intra_threads() -> usize {
     std::env::var("DARKROOM_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -677,33 +708,8 @@ impl PiperTts {
     }
 
     /// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the store's `onnxruntime` model (fetched if needed).
-    async fn ort_library(&self, report: Option<&SetupReporter>) -> Result<PathBuf, String> {
-        if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-            return Ok(PathBuf::from(p));
-        }
-        if self.store().manifest(builtin::ONNXRUNTIME).is_err() {
-            return Err(format!(
-                "app_setup_failed: the model store has no ONNX Runtime {ORT_RUNTIME_VERSION} library for this platform; \
-                 set ORT_DYLIB_PATH to one (libonnxruntime.so / .dylib / .dll)"
-            ));
-        }
-        let installed = match report {
-            Some(r) => store::pull_for_setup(self.store(), builtin::ONNXRUNTIME, r).await?,
-            None => self
-                .store()
-                .ensure(builtin::ONNXRUNTIME, &Quiet)
-                .await
-                .map_err(|e| format!("{}: {e}", e.error_type()))?,
-        };
-        Ok(installed.path(ORT_LIBRARY))
-    }
-
     async fn environment(&self, report: Option<&SetupReporter>) -> Result<Environment, String> {
-        if let Some(env) = ORT_ENV.get() {
-            return Ok(env.clone());
-        }
-        let lib = self.ort_library(report).await?;
-        tokio::task::spawn_blocking(move || ort_environment(&lib)).await.map_err(|e| e.to_string())?
+        ort_environment_from_store(self.store(), report).await
     }
 
     /// Whether the store knows `id` as a Piper voice.
@@ -792,7 +798,7 @@ impl Model for PiperTts {
     async fn setup(&self, report: &SetupReporter) -> Result<(), String> {
         let version = check_espeak(&espeak_program()).await?;
         tracing::debug!(espeak = %version, "espeak-ng found");
-        let lib = self.ort_library(Some(report)).await?;
+        let lib = crate::piper::ort_library(self.store(), Some(report)).await?;
         // The default voice's weights are fetched before anything is loaded, so PULL comes before SETUP.
         store::pull_for_setup(self.store(), DEFAULT_VOICE, report).await?;
         report.stage(SetupStage::Setup, format!("loading ONNX Runtime from {}", lib.display()));

@@ -796,6 +796,16 @@ fn special_token(map: &Value, key: &str) -> Option<String> {
 impl Pipeline {
     /// Loads a checkpoint in diffusers' folder layout ([`FILES`]).
     pub fn from_dir(dir: &Path, device: Device) -> Result<Self, String> {
+        Self::load(dir, device, false)
+    }
+
+    /// The checkpoint's architecture (its config files and tokenizer) with every weight zero: the full compute of
+    /// the real model without its weight files (shape checks and benchmarks; the images are flat).
+    pub fn with_zero_weights(dir: &Path, device: Device) -> Result<Self, String> {
+        Self::load(dir, device, true)
+    }
+
+    fn load(dir: &Path, device: Device, zeros: bool) -> Result<Self, String> {
         let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let p = |n: &str| dir.join(n);
         let clip_cfg = ClipConfig::from_json(&read_json(&p("text_encoder/config.json"))?)
@@ -825,6 +835,9 @@ impl Pipeline {
         let eos = id(&special_token(&specials, "eos_token").unwrap_or("<|endoftext|>".into()))?;
         let pad = id(&special_token(&specials, "pad_token").unwrap_or("<|endoftext|>".into()))?;
         let load = |n: &str| -> Result<VarBuilder<'static>, String> {
+            if zeros {
+                return Ok(VarBuilder::zeros(dtype, &device));
+            }
             // SAFETY: the store's files are not modified while a runner has them mapped.
             unsafe { VarBuilder::from_mmaped_safetensors(&[p(n)], dtype, &device) }.map_err(|e| format!("{n}: {e}"))
         };
@@ -922,7 +935,7 @@ impl Pipeline {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Vec<RgbImage>, GenError> {
         let f = self.vae_factor();
-        if req.width % f != 0 || req.height % f != 0 {
+        if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) {
             return Err(GenError::Failed(format!("width and height must be multiples of {f}")));
         }
         let cfg = req.guidance_scale > 1.0;
@@ -1090,6 +1103,46 @@ pub fn write_tiny_checkpoint(dir: &Path) -> Result<(), String> {
     save(&vm, "vae/diffusion_pytorch_model.safetensors")
 }
 
+/// Writes SD-Turbo's own configs (stabilityai/sd-turbo's `text_encoder`, `unet`, `vae` and `scheduler` config.json,
+/// the fields the pipeline reads) over a tiny checkpoint: with [`Pipeline::with_zero_weights`] that is the full
+/// compute of the real model without its 2.6 GB of weights (tests of the real shapes, `darkroom bench diffusion`).
+pub fn write_sd_turbo_architecture(dir: &Path) -> Result<(), String> {
+    write_tiny_checkpoint(dir)?;
+    let w = |n: &str, v: Value| {
+        std::fs::write(dir.join(n), serde_json::to_vec_pretty(&v).expect("serialises")).map_err(|e| e.to_string())
+    };
+    w(
+        "text_encoder/config.json",
+        json!({"architectures": ["CLIPTextModel"], "hidden_act": "gelu", "hidden_size": 1024,
+               "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+               "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512, "vocab_size": 49408}),
+    )?;
+    w(
+        "unet/config.json",
+        json!({"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20, 20],
+               "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+               "cross_attention_dim": 1024,
+               "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"],
+               "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+               "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+               "out_channels": 4, "sample_size": 64, "use_linear_projection": true,
+               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}),
+    )?;
+    w(
+        "vae/config.json",
+        json!({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "in_channels": 3,
+               "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+               "sample_size": 768, "scaling_factor": 0.18215}),
+    )?;
+    w(
+        "scheduler/scheduler_config.json",
+        json!({"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
+               "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "trailing"}),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The app
 // ---------------------------------------------------------------------------------------------------------------
@@ -1125,7 +1178,8 @@ impl Default for SdTurbo {
     }
 }
 
-fn encode_image(img: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, String> {
+/// Encodes an output image (JPEG at `quality`, or PNG).
+pub fn encode_image(img: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>, String> {
     let mut out = vec![];
     match format {
         OutputFormat::Png => {
@@ -1144,7 +1198,7 @@ fn output_size(input: &SdTurboInput, init: Option<(u32, u32)>) -> Result<(u32, u
     if let Some(size) = input.image_size {
         let (w, h) = size.dims();
         for (name, v) in [("width", w), ("height", h)] {
-            if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % 8 != 0 {
+            if !(MIN_SIDE..=MAX_SIDE).contains(&v) || !v.is_multiple_of(8) {
                 return Err(ModelError::App {
                     status: 422,
                     body: json!({"detail": [{"loc": ["body", "image_size", name],

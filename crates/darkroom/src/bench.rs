@@ -29,6 +29,35 @@ pub enum BenchCommand {
     /// Open --sessions realtime WebSocket sessions to an app at once; each sends a msgpack frame, waits for its echo
     /// and repeats (one frame in flight per session). Prints the round-trip latency and frames/s as JSON.
     Realtime(RealtimeArgs),
+    /// Time SD-Turbo (darkroom/sd-turbo's pipeline, in process) stage by stage: text encoder, each UNet step, VAE
+    /// decode, image encode; JSON lines. Without --model or --dir it runs SD-Turbo's real architecture with zero
+    /// weights (the same compute as the real weights; the images are flat).
+    Diffusion(DiffusionArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example (about two minutes per run on 2 cores):
+  darkroom bench diffusion --width 512 --height 512 --steps 1 --runs 2")]
+pub struct DiffusionArgs {
+    /// A model in the model store (e.g. `sd-turbo`, fetched if needed).
+    #[arg(long, conflicts_with = "dir")]
+    model: Option<String>,
+    /// A checkpoint folder in diffusers' layout.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    width: u32,
+    #[arg(long, default_value_t = 512)]
+    height: u32,
+    /// UNet steps per image.
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Image-to-image from a gray image at this strength (0-1] (adds the VAE encoder).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Timed runs (the first one included: every run does the same work).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +228,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Stt(a) => stt(a).await,
         BenchCommand::Tts(a) => tts(a).await,
         BenchCommand::Realtime(a) => realtime(a).await,
+        BenchCommand::Diffusion(a) => diffusion(a).await,
     }
 }
 
@@ -237,6 +267,84 @@ async fn stt(a: SttArgs) -> anyhow::Result<()> {
             json!({"file": f.display().to_string(), "audio_s": dur, "median_s": median, "min_s": times[0],
                    "max_s": times[times.len() - 1], "rtf": median / dur, "text": text})
         );
+    }
+    Ok(())
+}
+
+async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
+    use darkroom_models::sd_turbo::{self, Event, OutputFormat, Pipeline, Request};
+    let scratch = tempfile::tempdir()?;
+    let (dir, zeros, what) = match (&a.model, &a.dir) {
+        (Some(m), _) => {
+            let store = darkroom_models::store::ModelStore::from_env();
+            (store.ensure(m, &darkroom_models::store::Quiet).await?.dir, false, m.clone())
+        }
+        (None, Some(d)) => (d.clone(), false, d.display().to_string()),
+        (None, None) => {
+            sd_turbo::write_sd_turbo_architecture(scratch.path()).map_err(anyhow::Error::msg)?;
+            (scratch.path().to_path_buf(), true, "sd-turbo architecture, zero weights".to_string())
+        }
+    };
+    let device = sd_turbo::pick_device();
+    let t = Instant::now();
+    let p = tokio::task::spawn_blocking(move || {
+        if zeros { Pipeline::with_zero_weights(&dir, device) } else { Pipeline::from_dir(&dir, device) }
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "{}",
+        json!({"model": what, "load_s": t.elapsed().as_secs_f64(), "threads": candle_threads(),
+               "width": a.width, "height": a.height, "steps": a.steps, "strength": a.strength})
+    );
+    let p = Arc::new(p);
+    for run in 0..a.runs {
+        let req = Request {
+            prompt: "a photo of a red fox in the snow".into(),
+            negative_prompt: String::new(),
+            width: a.width,
+            height: a.height,
+            steps: a.steps,
+            guidance_scale: 0.0,
+            seed: run as u64,
+            init_image: a.strength.map(|_| image::RgbImage::from_pixel(a.width, a.height, image::Rgb([128, 128, 128]))),
+            strength: a.strength.unwrap_or(1.0),
+        };
+        let p = p.clone();
+        let bar = indicatif::ProgressBar::new(a.steps as u64 + 2);
+        bar.set_message(format!("run {}", run + 1));
+        let b2 = bar.clone();
+        let line = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+            let start = Instant::now();
+            let mut last = start;
+            let (mut text_s, mut steps_s, mut vae_s) = (0.0, vec![], 0.0);
+            let mut lap = || {
+                let now = Instant::now();
+                let d = now.duration_since(last).as_secs_f64();
+                last = now;
+                d
+            };
+            let imgs = p
+                .generate(&req, 1, &|| false, &mut |e| {
+                    b2.inc(1);
+                    match e {
+                        Event::Encoded => text_s = lap(),
+                        Event::Step { .. } => steps_s.push(lap()),
+                        Event::Decoded { .. } => vae_s = lap(),
+                    }
+                })
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let t = Instant::now();
+            let jpeg = sd_turbo::encode_image(&imgs[0], OutputFormat::Jpeg, 90).map_err(anyhow::Error::msg)?;
+            let encode_s = t.elapsed().as_secs_f64();
+            // The first step's time includes the VAE encoder for image-to-image.
+            Ok(json!({"run": run + 1, "text_encoder_s": text_s, "unet_steps_s": steps_s, "vae_decode_s": vae_s,
+                      "jpeg_encode_s": encode_s, "jpeg_bytes": jpeg.len(),
+                      "total_s": start.elapsed().as_secs_f64()}))
+        })
+        .await??;
+        bar.finish_and_clear();
+        println!("{line}");
     }
     Ok(())
 }

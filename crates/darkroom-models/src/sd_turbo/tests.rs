@@ -33,7 +33,8 @@ fn run(p: &Pipeline, req: &Request, count: usize) -> (Vec<RgbImage>, Vec<(usize,
     let imgs = p
         .generate(req, count, &|| false, &mut |e| {
             if let Event::Step { image, step, steps: n, preview } = e {
-                assert_eq!(preview.dimensions(), (req.width / 2, req.height / 2), "previews are at latent size");
+                let f = p.vae_factor();
+                assert_eq!(preview.dimensions(), (req.width / f, req.height / f), "previews are at latent size");
                 steps.push((image, step, n));
             }
         })
@@ -334,4 +335,23 @@ async fn a_tiny_checkpoint_is_reproducible_and_registers_as_a_fine_tune() {
     std::fs::remove_file(b.path().join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let e = store.register_local("broken", builtin::SD_TURBO, b.path(), &crate::store::Quiet).await.unwrap_err();
     assert!(e.to_string().contains("unet/diffusion_pytorch_model.safetensors"), "{e}");
+}
+
+#[test]
+fn the_full_size_architecture_builds_and_runs_both_endpoints() {
+    let d = tempfile::tempdir().unwrap();
+    write_sd_turbo_architecture(d.path()).unwrap();
+    let t = Instant::now();
+    let p = Pipeline::with_zero_weights(d.path(), Device::Cpu).unwrap();
+    assert_eq!(p.vae_factor(), 8);
+    let mut req = request(1);
+    (req.width, req.height, req.steps) = (64, 64, 1);
+    let (imgs, steps) = run(&p, &req, 1);
+    assert_eq!(imgs[0].dimensions(), (64, 64));
+    assert_eq!(steps.len(), 1);
+    req.init_image = Some(RgbImage::from_pixel(64, 64, image::Rgb([9, 99, 199])));
+    req.strength = 0.5;
+    let (imgs, _) = run(&p, &req, 1);
+    assert_eq!(imgs[0].dimensions(), (64, 64));
+    eprintln!("full-size SD-Turbo, zero weights, 64x64 text-to-image + image-to-image: {:?}", t.elapsed());
 }

