@@ -355,3 +355,70 @@ fn the_full_size_architecture_builds_and_runs_both_endpoints() {
     assert_eq!(imgs[0].dimensions(), (64, 64));
     eprintln!("full-size SD-Turbo, zero weights, 64x64 text-to-image + image-to-image: {:?}", t.elapsed());
 }
+
+/// The tokenizer against CLIP's real BPE: OpenAI's merges file (in PyPI `open_clip_torch`), turned into the
+/// `vocab.json` + `merges.txt` pair transformers ships (the ids are the merges' order after the 512 byte tokens),
+/// gives the ids CLIP's own tokenizer gives.
+#[tokio::test]
+async fn the_tokenizer_matches_clips_on_the_real_vocabulary() {
+    use crate::store::manifest::{FileSpec, Manifest, Source};
+    use std::io::Read;
+    if std::env::var("DARKROOM_TEST_REGISTRIES").ok().as_deref() != Some("1") {
+        eprintln!("not run: CLIP's vocabulary from PyPI (set DARKROOM_TEST_REGISTRIES=1)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = crate::store::StoreConfig::from_env();
+    cfg.root = std::env::var("DARKROOM_TEST_MODEL_CACHE").map(Into::into).unwrap_or(d.path().join("models"));
+    let store = ModelStore::new(cfg);
+    const GZ: &str = "bpe_simple_vocab_16e6.txt.gz";
+    let m = Manifest {
+        id: "test-clip-bpe".into(),
+        description: "CLIP's BPE merges (test fixture)".into(),
+        license: "MIT".into(),
+        files: vec![FileSpec::new(GZ, "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a", 1356917)],
+        inputs: vec![],
+        convert: vec![],
+        sources: vec![Source::Pip {
+            package: "open_clip_torch".into(),
+            version: "3.3.0".into(),
+            python_version: None,
+            platforms: vec![],
+            files: [(GZ.to_string(), format!("open_clip/{GZ}"))].into_iter().collect(),
+        }],
+        base: None,
+    };
+    let inst = store.pull(&m, &crate::store::Quiet, false).await.unwrap();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(inst.path(GZ)).unwrap()).read_to_string(&mut text).unwrap();
+    let merges: Vec<&str> = text.split('\n').skip(1).take(49152 - 256 - 2).collect();
+    // GPT-2's byte ↔ unicode table, as CLIP builds it.
+    let mut bytes: Vec<u32> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).map(u32::from).collect();
+    let mut chars = bytes.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let base: Vec<String> = chars.iter().map(|c| char::from_u32(*c).unwrap().to_string()).collect();
+    let mut vocab: Vec<String> = base.clone();
+    vocab.extend(base.iter().map(|c| format!("{c}</w>")));
+    vocab.extend(merges.iter().map(|m| m.replace(' ', "")));
+    vocab.extend(["<|startoftext|>".to_string(), "<|endoftext|>".to_string()]);
+    let map: serde_json::Map<String, Value> = vocab.iter().enumerate().map(|(i, v)| (v.clone(), json!(i))).collect();
+    assert_eq!(map.len(), 49408);
+    std::fs::write(d.path().join("vocab.json"), serde_json::to_vec(&map).unwrap()).unwrap();
+    std::fs::write(d.path().join("merges.txt"), format!("#version: 0.2\n{}\n", merges.join("\n"))).unwrap();
+    let tok = clip_tokenizer(&d.path().join("vocab.json"), &d.path().join("merges.txt")).unwrap();
+    let ids = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+    // transformers' CLIPTokenizer: "a photo of a cat" → 49406, 320, 1125, 539, 320, 2368, 49407.
+    assert_eq!(ids("a photo of a cat"), vec![320, 1125, 539, 320, 2368]);
+    assert_eq!(ids("  A   PHOTO of a\tcat "), vec![320, 1125, 539, 320, 2368]);
+    assert_eq!(ids("cat!"), vec![2368, 256], "punctuation is a word of its own");
+    assert_eq!(tok.token_to_id("<|startoftext|>"), Some(49406));
+    assert_eq!(tok.token_to_id("<|endoftext|>"), Some(49407));
+    assert_eq!(tok.token_to_id("!"), Some(0), "SD 2.x pads with '!'");
+}
