@@ -366,3 +366,45 @@ async fn user_weights_are_checked_and_registered() {
     assert!(store.unregister("my-voice"));
     assert!(store.manifest("my-voice").is_err());
 }
+
+/// The built-in `sd-turbo` manifest against the hub's layout of `stabilityai/sd-turbo` (the `fp16` variant files
+/// under their plain diffusers names, no pinned hashes: each is held to the hub's content hash), with a tiny
+/// checkpoint of the same architecture in place of the real 2.6 GB: the installed folder loads and draws.
+#[tokio::test]
+async fn the_sd_turbo_manifest_installs_from_the_hubs_fp16_variant() {
+    use darkroom_models::sd_turbo;
+    let (hub, url) = start_hub().await;
+    let tiny = tempfile::tempdir().unwrap();
+    sd_turbo::write_tiny_checkpoint(tiny.path()).unwrap();
+    let remote = |local: &str| {
+        local
+            .replace("model.safetensors", "model.fp16.safetensors")
+            .replace("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+    };
+    let files: Vec<(String, Vec<u8>)> =
+        sd_turbo::FILES.iter().map(|f| (remote(f), std::fs::read(tiny.path().join(f)).unwrap())).collect();
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let commit = commit_id(7);
+    add_commit(&hub, "stabilityai/sd-turbo", &commit, &files);
+    hub.lock().unwrap().refs.insert(("stabilityai/sd-turbo".into(), "main".into()), commit);
+    let d = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(cfg(&d.path().join("models"), &d.path().join("hf"), &url));
+    let inst = store.ensure(darkroom_models::store::builtin::SD_TURBO, &Quiet).await.unwrap();
+    for f in sd_turbo::FILES {
+        assert!(std::fs::read(inst.path(f)).unwrap() == std::fs::read(tiny.path().join(f)).unwrap(), "{f} differs");
+    }
+    let p = sd_turbo::Pipeline::from_dir(&inst.dir, candle_core::Device::Cpu).unwrap();
+    let req = sd_turbo::Request {
+        prompt: "the cat".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        seed: 1,
+        init_image: None,
+        strength: 1.0,
+    };
+    let imgs = p.generate(&req, 1, &|| false, &mut |_| {}).unwrap();
+    assert_eq!(imgs[0].dimensions(), (64, 64));
+}
