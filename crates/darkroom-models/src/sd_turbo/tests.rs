@@ -293,8 +293,11 @@ fn the_gateway_schema_rejects_bad_sizes_without_weights() {
         assert_eq!(loc[0], "body", "{bad}");
     }
     let e = app.validate(&json!({"prompt": "a fox", "image_size": {"width": 500, "height": 512}})).unwrap_err();
-    let loc = e.detail.unwrap()[0]["loc"].clone();
-    assert_eq!(loc[1], "image_size", "{loc}");
+    let d = e.detail.unwrap();
+    assert_eq!(d[0]["loc"], json!(["body", "image_size", "width"]), "{d}");
+    assert!(d[0]["msg"].as_str().unwrap().contains("multiple of 8"), "{d}");
+    let d = app.validate(&json!({"prompt": "a fox", "image_size": "square_xl"})).unwrap_err().detail.unwrap();
+    assert_eq!((d[0]["loc"].clone(), d[0]["type"].clone()), (json!(["body", "image_size"]), json!("enum")), "{d}");
 }
 
 #[tokio::test]
