@@ -19,6 +19,7 @@ pub mod piper;
 pub mod pyenv;
 pub mod sd_turbo;
 pub mod store;
+pub mod upscale;
 pub mod whisper;
 
 pub use files::{Fetched, File, FileError, FileIo, InlineFiles};
@@ -216,6 +217,7 @@ pub fn builtin_specs() -> Vec<AppSpec> {
         piper::PiperTts::new().spec(),
         background::RemoveBackground::new().spec(),
         sd_turbo::SdTurbo::new().spec(),
+        upscale::UpscaleApp::new().spec(),
     ]
 }
 
@@ -228,6 +230,7 @@ pub fn load_builtin(app_id: &str) -> Option<Arc<dyn Model>> {
         piper::APP_ID => Some(Arc::new(piper::PiperTts::new())),
         background::APP_ID => Some(Arc::new(background::RemoveBackground::new())),
         sd_turbo::APP_ID => Some(Arc::new(sd_turbo::SdTurbo::new())),
+        upscale::APP_ID => Some(Arc::new(upscale::UpscaleApp::new())),
         _ => None,
     }
 }

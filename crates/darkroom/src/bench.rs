@@ -33,6 +33,29 @@ pub enum BenchCommand {
     /// decode, image encode; JSON lines. Without --model or --dir it runs SD-Turbo's real architecture with zero
     /// weights (the same compute as the real weights; the images are flat).
     Diffusion(DiffusionArgs),
+    /// Time an upscaler (darkroom/upscale's code, in process) on an image: per run the network time (all tiles)
+    /// and the whole request (decode, network, PNG encode); the median of --runs after one warm-up; one JSON line.
+    /// Without --image it uses the RDN package's own 128x128 sample.
+    Upscale(UpscaleArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples (RAYON_NUM_THREADS sets the cores the network uses):
+  darkroom bench upscale --model rdn-slim --scale 4
+  RAYON_NUM_THREADS=1 darkroom bench upscale --model realesr-animevideov3 --scale 4 --runs 3
+scripts/bench-upscale runs these against UpscalerJS on TensorFlow.js (WASM) on the same model and image.")]
+pub struct UpscaleArgs {
+    /// rdn-slim, rdn-medium, realesr-animevideov3, realesrgan-x4plus or realesrgan-x4plus-anime.
+    #[arg(long, default_value = "rdn-slim")]
+    model: String,
+    #[arg(long, default_value_t = 4)]
+    scale: u32,
+    /// A PNG, JPEG or WebP image (default: the rdn-slim package's samples/fixture.png, 128x128).
+    #[arg(long)]
+    image: Option<std::path::PathBuf>,
+    /// Timed runs (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +252,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Tts(a) => tts(a).await,
         BenchCommand::Realtime(a) => realtime(a).await,
         BenchCommand::Diffusion(a) => diffusion(a).await,
+        BenchCommand::Upscale(a) => upscale(a).await,
     }
 }
 
@@ -346,6 +370,56 @@ async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
         println!("{line}");
     }
+    Ok(())
+}
+
+async fn upscale(a: UpscaleArgs) -> anyhow::Result<()> {
+    use darkroom_models::Model;
+    let store = darkroom_models::store::ModelStore::from_env();
+    let image = match &a.image {
+        Some(p) => std::fs::read(p)?,
+        None => {
+            let dir =
+                store.ensure(darkroom_models::store::builtin::RDN_SLIM, &darkroom_models::store::Quiet).await?.dir;
+            std::fs::read(dir.join("samples/fixture.png"))?
+        }
+    };
+    let (width, height) = image::load_from_memory(&image).map(|i| (i.width(), i.height()))?;
+    let uri = darkroom_models::files::data_uri("image/png", &image);
+    let app = darkroom_models::upscale::UpscaleApp::with_store(store);
+    let input = json!({"image_url": uri, "model": a.model, "scale": a.scale, "output_format": "png"});
+    let (mut net, mut total) = (vec![], vec![]);
+    let bar = indicatif::ProgressBar::new(a.runs as u64 + 1);
+    for i in 0..=a.runs {
+        let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = darkroom_models::RunContext::new(
+            format!("bench-{i}"),
+            1,
+            String::new(),
+            tokio_util::sync::CancellationToken::new(),
+            etx,
+        )
+        .with_files(Arc::new(darkroom_models::InlineFiles), true);
+        let t = Instant::now();
+        let out = app.run(input.clone(), ctx).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if i > 0 {
+            total.push(t.elapsed().as_secs_f64());
+            net.push(out["timings"]["inference"].as_f64().unwrap_or(f64::NAN));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{}",
+        json!({"model": a.model, "scale": a.scale, "input": [width, height],
+               "output": [width * a.scale, height * a.scale], "threads": candle_threads(), "runs": a.runs,
+               "median_s": median(&mut net), "min_s": net[0], "max_s": net[net.len() - 1],
+               "request_median_s": median(&mut total)})
+    );
     Ok(())
 }
 

@@ -80,15 +80,15 @@ const WEIGHTLESS: &[&str] = &[
 ];
 
 /// One layer line of the `.param`.
-struct Layer {
-    kind: String,
-    name: String,
+pub(crate) struct Layer {
+    pub(crate) kind: String,
+    pub(crate) name: String,
     /// Raw values by key (array keys already mapped from `-233xx` to `xx`).
-    params: HashMap<i32, String>,
+    pub(crate) params: HashMap<i32, String>,
 }
 
 impl Layer {
-    fn int(&self, key: i32, default: i64) -> Result<i64, String> {
+    pub(crate) fn int(&self, key: i32, default: i64) -> Result<i64, String> {
         match self.params.get(&key) {
             None => Ok(default),
             Some(v) => {
@@ -97,7 +97,7 @@ impl Layer {
         }
     }
     /// A parameter that must be a positive count.
-    fn count(&self, key: i32, default: i64, what: &str) -> Result<usize, String> {
+    pub(crate) fn count(&self, key: i32, default: i64, what: &str) -> Result<usize, String> {
         let v = self.int(key, default)?;
         if v <= 0 {
             return Err(format!("layer {} ({}): {what} (param {key}) is {v}", self.name, self.kind));
@@ -115,7 +115,7 @@ pub fn convert(param: &Path, bin: &Path, output: &Path) -> Result<(), ConvertErr
     write_safetensors(tensors, output)
 }
 
-fn parse_param(text: &str) -> Result<Vec<Layer>, String> {
+pub(crate) fn parse_param(text: &str) -> Result<Vec<Layer>, String> {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     match lines.next() {
         Some(MAGIC) => {}
