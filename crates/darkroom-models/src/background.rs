@@ -895,7 +895,9 @@ mod tests {
             return;
         }
         let temp = tempfile::tempdir().unwrap();
-        let root = std::env::var("DARKROOM_TEST_MODEL_CACHE").map(std::path::PathBuf::from).unwrap_or(temp.path().to_path_buf());
+        let root = std::env::var("DARKROOM_TEST_MODEL_CACHE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or(temp.path().to_path_buf());
         let mut cfg = store::StoreConfig::from_env();
         cfg.root = root;
         cfg.offline = false;
