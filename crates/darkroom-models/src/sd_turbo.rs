@@ -699,6 +699,151 @@ impl VaeEncoder {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The VAE's decoder, with convolutions as patch-matrix GEMMs on the CPU
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A 3×3 (padding 1) or 1×1 convolution with bias. On the CPU in f32 it runs as GEMMs over bands of rows
+/// ([`crate::upscale::conv_gemm`]), which keeps both cores busy where candle's conv2d spends most of its time copying
+/// (the VAE decoder at 512² was 80 % of an SD-Turbo image, on one core); elsewhere candle's conv2d.
+struct FastConv {
+    weight: Tensor,
+    matrix: Tensor,
+    bias: Tensor,
+    k: usize,
+}
+
+impl FastConv {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> candle_core::Result<Self> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        let matrix = weight.reshape((cout, cin * k * k))?;
+        let bias = vb.get(cout, "bias")?.reshape((1, cout, 1, 1))?;
+        Ok(FastConv { weight, matrix, bias, k })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.k / 2;
+        let y = if x.device().is_cpu() && x.dtype() == DType::F32 && x.dim(0)? == 1 {
+            crate::upscale::conv_gemm(x, &self.matrix, (self.k, self.k), [p; 4], 1)?
+        } else {
+            x.conv2d(&self.weight, p, 1, 1, 1)?
+        };
+        y.broadcast_add(&self.bias)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` without a time embedding.
+struct VaeResnet {
+    norm1: GroupNorm,
+    conv1: FastConv,
+    norm2: GroupNorm,
+    conv2: FastConv,
+    shortcut: Option<FastConv>,
+}
+
+impl VaeResnet {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> candle_core::Result<Self> {
+        Ok(VaeResnet {
+            norm1: candle_nn::group_norm(groups, cin, 1e-6, vb.pp("norm1"))?,
+            conv1: FastConv::new(vb.pp("conv1"), cin, cout, 3)?,
+            norm2: candle_nn::group_norm(groups, cout, 1e-6, vb.pp("norm2"))?,
+            conv2: FastConv::new(vb.pp("conv2"), cout, cout, 3)?,
+            shortcut: if cin != cout { Some(FastConv::new(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        match &self.shortcut {
+            Some(s) => s.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// The VAE's decoder (`post_quant_conv` then diffusers' `Decoder`), computing what candle's `AutoEncoderKL::decode`
+/// computes (a test holds them equal) with [`FastConv`] convolutions.
+struct VaeDecoder {
+    post_quant: Option<FastConv>,
+    conv_in: FastConv,
+    mid: (VaeResnet, candle_transformers::models::stable_diffusion::attention::AttentionBlock, VaeResnet),
+    /// Per block: resnets, then an upsampling convolution (all but the last).
+    up: Vec<(Vec<VaeResnet>, Option<FastConv>)>,
+    norm_out: GroupNorm,
+    conv_out: FastConv,
+}
+
+impl VaeDecoder {
+    fn new(vb: VarBuilder, c: &AutoEncoderKLConfig) -> candle_core::Result<Self> {
+        use candle_transformers::models::stable_diffusion::attention::{AttentionBlock, AttentionBlockConfig};
+        let d = vb.pp("decoder");
+        let g = c.norm_num_groups;
+        let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let top = rev[0];
+        let post_quant = if c.use_post_quant_conv {
+            Some(FastConv::new(vb.pp("post_quant_conv"), c.latent_channels, c.latent_channels, 1)?)
+        } else {
+            None
+        };
+        let conv_in = FastConv::new(d.pp("conv_in"), c.latent_channels, top, 3)?;
+        let m = d.pp("mid_block");
+        let attn_cfg =
+            AttentionBlockConfig { num_head_channels: None, num_groups: g, rescale_output_factor: 1.0, eps: 1e-6 };
+        let mid = (
+            VaeResnet::new(m.pp("resnets").pp("0"), top, top, g)?,
+            AttentionBlock::new(m.pp("attentions").pp("0"), top, attn_cfg)?,
+            VaeResnet::new(m.pp("resnets").pp("1"), top, top, g)?,
+        );
+        let mut up = vec![];
+        for (i, &out) in rev.iter().enumerate() {
+            let b = d.pp("up_blocks").pp(i.to_string());
+            let cin = if i == 0 { top } else { rev[i - 1] };
+            let resnets = (0..c.layers_per_block + 1)
+                .map(|j| VaeResnet::new(b.pp("resnets").pp(j.to_string()), if j == 0 { cin } else { out }, out, g))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(FastConv::new(b.pp("upsamplers").pp("0").pp("conv"), out, out, 3)?)
+            } else {
+                None
+            };
+            up.push((resnets, upsample));
+        }
+        let last = *rev.last().expect("non-empty");
+        Ok(VaeDecoder {
+            post_quant,
+            conv_in,
+            mid,
+            up,
+            norm_out: candle_nn::group_norm(g, last, 1e-6, d.pp("conv_norm_out"))?,
+            conv_out: FastConv::new(d.pp("conv_out"), last, 3, 3)?,
+        })
+    }
+
+    /// Latents (unscaled, `[1, 4, h, w]`) → image `[1, 3, f·h, f·w]` in about [-1, 1].
+    fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = match &self.post_quant {
+            Some(p) => p.forward(z)?,
+            None => z.clone(),
+        };
+        x = self.conv_in.forward(&x)?;
+        x = self.mid.0.forward(&x)?;
+        x = self.mid.1.forward(&x)?;
+        x = self.mid.2.forward(&x)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        self.conv_out.forward(&x)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The pipeline
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -712,7 +857,9 @@ pub struct Pipeline {
     pad: u32,
     unet: UNet2DConditionModel,
     unet_in: usize,
-    vae: AutoEncoderKL,
+    decoder: VaeDecoder,
+    /// The VAE's block count (its scale factor is 2^(blocks − 1)).
+    vae_blocks: usize,
     encoder: VaeEncoder,
     vae_scale: f64,
     scheduler: EulerScheduler,
@@ -847,7 +994,7 @@ impl Pipeline {
         let unet =
             UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg).map_err(|e| format!("unet: {e}"))?;
         let vb = load("vae/diffusion_pytorch_model.safetensors")?;
-        let vae = AutoEncoderKL::new(vb.clone(), 3, 3, vae_cfg.kl.clone()).map_err(|e| format!("vae: {e}"))?;
+        let decoder = VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?;
         let encoder = VaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?;
         Ok(Pipeline {
             tokenizer,
@@ -858,7 +1005,8 @@ impl Pipeline {
             pad,
             unet,
             unet_in,
-            vae,
+            decoder,
+            vae_blocks: vae_cfg.kl.block_out_channels.len(),
             encoder,
             vae_scale: vae_cfg.scaling_factor,
             scheduler,
@@ -869,7 +1017,7 @@ impl Pipeline {
 
     /// How many latent pixels one image pixel is (8 for SD's four-block VAE).
     fn vae_factor(&self) -> u32 {
-        1 << (self.vae.config.block_out_channels.len() - 1)
+        1 << (self.vae_blocks - 1)
     }
 
     /// Token ids for the text encoder: BOS, the text (cut to fit), EOS, padding; one row.
@@ -1002,7 +1150,7 @@ impl Pipeline {
             if cancelled() {
                 return Err(GenError::Cancelled);
             }
-            let img = self.vae.decode(&(x / self.vae_scale)?)?;
+            let img = self.decoder.decode(&(x / self.vae_scale)?)?;
             out.push(self.to_image(&img)?);
             on_event(Event::Decoded { image: i });
         }

@@ -425,3 +425,22 @@ async fn the_tokenizer_matches_clips_on_the_real_vocabulary() {
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(49407));
     assert_eq!(tok.token_to_id("!"), Some(0), "SD 2.x pads with '!'");
 }
+
+#[test]
+fn the_fast_vae_decoder_computes_what_candles_does() {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let cfg = vae_config(&read_json(&d.path().join("vae/config.json")).unwrap()).unwrap();
+    let path = d.path().join("vae/diffusion_pytorch_model.safetensors");
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
+    let reference = AutoEncoderKL::new(vb.clone(), 3, 3, cfg.kl.clone()).unwrap();
+    let ours = VaeDecoder::new(vb, &cfg.kl).unwrap();
+    let z = Noise::new(4).tensor((1, 4, 12, 20), &Device::Cpu, DType::F32).unwrap();
+    let want = reference.decode(&z).unwrap();
+    let got = ours.decode(&z).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    assert_eq!(got.dims(), &[1, 3, 24, 40]);
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(scale > 1e-3 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} for values up to {scale}");
+}
