@@ -417,7 +417,13 @@ const GEMM_BAND_FLOATS: usize = 4 << 20;
 /// (`[O, I·kh·kw]`, the OIHW weights) times it is the band's output, already in channel-major order. Candle's own
 /// conv2d spends most of its time copying and transposing around the same product (5x slower here for RDN's 5x5
 /// 64-channel layer). The output has the input's size; no bias.
-pub(crate) fn conv_gemm(x: &Tensor, matrix: &Tensor, kernel: (usize, usize), pad: [usize; 4], dilation: usize) -> CResult<Tensor> {
+pub(crate) fn conv_gemm(
+    x: &Tensor,
+    matrix: &Tensor,
+    kernel: (usize, usize),
+    pad: [usize; 4],
+    dilation: usize,
+) -> CResult<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let k = matrix.dim(1)?;
     let rows = (GEMM_BAND_FLOATS / (k * w).max(1)).clamp(1, h.max(1));
