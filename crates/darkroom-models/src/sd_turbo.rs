@@ -633,6 +633,8 @@ pub fn clip_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, String> 
 // The VAE's encoder (candle's is private), for image-to-image
 // ---------------------------------------------------------------------------------------------------------------
 
+/// The VAE's encoder on candle's blocks: what writes a tiny checkpoint's encoder tensors, and the reference a test
+/// holds [`FastVaeEncoder`] (the one the pipeline runs) equal to.
 struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock2D>,
@@ -843,6 +845,85 @@ impl VaeDecoder {
     }
 }
 
+/// The VAE's encoder (diffusers' `Encoder` then `quant_conv`) with [`FastConv`] convolutions, for image-to-image; the
+/// downsampling convolutions (stride 2) stay candle's. A test holds it equal to [`VaeEncoder`].
+struct FastVaeEncoder {
+    conv_in: FastConv,
+    /// Per block: resnets, then a stride-2 convolution (all but the last).
+    down: Vec<(Vec<VaeResnet>, Option<Conv2d>)>,
+    mid: (VaeResnet, candle_transformers::models::stable_diffusion::attention::AttentionBlock, VaeResnet),
+    norm_out: GroupNorm,
+    conv_out: FastConv,
+    quant: Option<FastConv>,
+}
+
+impl FastVaeEncoder {
+    fn new(vb: VarBuilder, c: &AutoEncoderKLConfig) -> candle_core::Result<Self> {
+        use candle_transformers::models::stable_diffusion::attention::{AttentionBlock, AttentionBlockConfig};
+        let e = vb.pp("encoder");
+        let (g, ch) = (c.norm_num_groups, &c.block_out_channels);
+        let conv_in = FastConv::new(e.pp("conv_in"), 3, ch[0], 3)?;
+        let mut down = vec![];
+        for (i, &out) in ch.iter().enumerate() {
+            let b = e.pp("down_blocks").pp(i.to_string());
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let resnets = (0..c.layers_per_block)
+                .map(|j| VaeResnet::new(b.pp("resnets").pp(j.to_string()), if j == 0 { cin } else { out }, out, g))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let downsample = if i + 1 < ch.len() {
+                let cfg = candle_nn::Conv2dConfig { stride: 2, ..Default::default() };
+                Some(candle_nn::conv2d(out, out, 3, cfg, b.pp("downsamplers").pp("0").pp("conv"))?)
+            } else {
+                None
+            };
+            down.push((resnets, downsample));
+        }
+        let last = *ch.last().expect("non-empty");
+        let m = e.pp("mid_block");
+        let attn_cfg =
+            AttentionBlockConfig { num_head_channels: None, num_groups: g, rescale_output_factor: 1.0, eps: 1e-6 };
+        let mid = (
+            VaeResnet::new(m.pp("resnets").pp("0"), last, last, g)?,
+            AttentionBlock::new(m.pp("attentions").pp("0"), last, attn_cfg)?,
+            VaeResnet::new(m.pp("resnets").pp("1"), last, last, g)?,
+        );
+        let n = 2 * c.latent_channels;
+        Ok(FastVaeEncoder {
+            conv_in,
+            down,
+            mid,
+            norm_out: candle_nn::group_norm(g, last, 1e-6, e.pp("conv_norm_out"))?,
+            conv_out: FastConv::new(e.pp("conv_out"), last, n, 3)?,
+            quant: if c.use_quant_conv { Some(FastConv::new(vb.pp("quant_conv"), n, n, 1)?) } else { None },
+        })
+    }
+
+    /// Image `[1, 3, h, w]` in [-1, 1] → (mean, std) of the latent distribution.
+    fn moments(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut x = self.conv_in.forward(x)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(conv) = downsample {
+                // diffusers pads only after (right and bottom) before a stride-2 convolution.
+                x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?.apply(conv)?;
+            }
+        }
+        x = self.mid.0.forward(&x)?;
+        x = self.mid.1.forward(&x)?;
+        x = self.mid.2.forward(&x)?;
+        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        let mut x = self.conv_out.forward(&x)?;
+        if let Some(q) = &self.quant {
+            x = q.forward(&x)?;
+        }
+        let parts = x.chunk(2, 1)?;
+        let logvar = parts[1].clamp(-30f32, 20f32)?;
+        Ok((parts[0].clone(), (logvar * 0.5)?.exp()?))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The pipeline
 // ---------------------------------------------------------------------------------------------------------------
@@ -860,7 +941,7 @@ pub struct Pipeline {
     decoder: VaeDecoder,
     /// The VAE's block count (its scale factor is 2^(blocks − 1)).
     vae_blocks: usize,
-    encoder: VaeEncoder,
+    encoder: FastVaeEncoder,
     vae_scale: f64,
     scheduler: EulerScheduler,
     device: Device,
@@ -995,7 +1076,7 @@ impl Pipeline {
             UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg).map_err(|e| format!("unet: {e}"))?;
         let vb = load("vae/diffusion_pytorch_model.safetensors")?;
         let decoder = VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?;
-        let encoder = VaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?;
+        let encoder = FastVaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?;
         Ok(Pipeline {
             tokenizer,
             clip,

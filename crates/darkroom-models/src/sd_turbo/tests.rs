@@ -444,3 +444,23 @@ fn the_fast_vae_decoder_computes_what_candles_does() {
     let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(scale > 1e-3 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} for values up to {scale}");
 }
+
+#[test]
+fn the_fast_vae_encoder_computes_what_candles_blocks_do() {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let cfg = vae_config(&read_json(&d.path().join("vae/config.json")).unwrap()).unwrap();
+    let path = d.path().join("vae/diffusion_pytorch_model.safetensors");
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
+    let reference = VaeEncoder::new(vb.clone(), &cfg.kl).unwrap();
+    let ours = FastVaeEncoder::new(vb, &cfg.kl).unwrap();
+    let x = Noise::new(9).tensor((1, 3, 24, 40), &Device::Cpu, DType::F32).unwrap();
+    let (wm, ws) = reference.moments(&x).unwrap();
+    let (gm, gs) = ours.moments(&x).unwrap();
+    assert_eq!(gm.dims(), &[1, 4, 12, 20]);
+    for (got, want) in [(gm, wm), (gs, ws)] {
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 1e-3 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} for values up to {scale}");
+    }
+}
