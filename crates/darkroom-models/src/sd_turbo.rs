@@ -634,7 +634,8 @@ pub fn clip_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, String> 
 // ---------------------------------------------------------------------------------------------------------------
 
 /// The VAE's encoder on candle's blocks: what writes a tiny checkpoint's encoder tensors, and the reference a test
-/// holds [`FastVaeEncoder`] (the one the pipeline runs) equal to.
+/// holds [`FastVaeEncoder`] (the one the pipeline runs) equal to. Outside tests only its tensors are used.
+#[cfg_attr(not(test), allow(dead_code))]
 struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock2D>,
@@ -684,6 +685,7 @@ impl VaeEncoder {
     }
 
     /// Image `[b, 3, h, w]` in [-1, 1] → (mean, std) of the latent distribution.
+    #[cfg(test)]
     fn moments(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = x.apply(&self.conv_in)?;
         for d in &self.down {
