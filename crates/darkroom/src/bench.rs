@@ -391,15 +391,7 @@ async fn upscale(a: UpscaleArgs) -> anyhow::Result<()> {
     let (mut net, mut total) = (vec![], vec![]);
     let bar = indicatif::ProgressBar::new(a.runs as u64 + 1);
     for i in 0..=a.runs {
-        let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
-        let ctx = darkroom_models::RunContext::new(
-            format!("bench-{i}"),
-            1,
-            String::new(),
-            tokio_util::sync::CancellationToken::new(),
-            etx,
-        )
-        .with_files(Arc::new(darkroom_models::InlineFiles), true);
+        let ctx = bench_context(i);
         let t = Instant::now();
         let out = app.run(input.clone(), ctx).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         if i > 0 {
@@ -435,15 +427,7 @@ async fn tts(a: TtsArgs) -> anyhow::Result<()> {
         let mut times = vec![];
         let mut duration = 0.0;
         for i in 0..=a.runs {
-            let (etx, _erx) = tokio::sync::mpsc::unbounded_channel();
-            let ctx = darkroom_models::RunContext::new(
-                format!("bench-{i}"),
-                1,
-                String::new(),
-                tokio_util::sync::CancellationToken::new(),
-                etx,
-            )
-            .with_files(Arc::new(darkroom_models::InlineFiles), true);
+            let ctx = bench_context(i);
             let t = Instant::now();
             let out = app.run(json!({"text": text}), ctx).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
             if i > 0 {
@@ -460,6 +444,19 @@ async fn tts(a: TtsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A request context for an in-process benchmark run: outputs inline, events dropped.
+fn bench_context(run: usize) -> darkroom_models::RunContext {
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    darkroom_models::RunContext::new(
+        format!("bench-{run}"),
+        1,
+        String::new(),
+        tokio_util::sync::CancellationToken::new(),
+        events,
+    )
+    .with_files(Arc::new(darkroom_models::InlineFiles), true)
 }
 
 fn candle_threads() -> usize {
