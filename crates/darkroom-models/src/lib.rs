@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod audio;
 pub mod background;
+mod conv;
 pub mod diagnostics;
 pub mod files;
 pub mod http_app;

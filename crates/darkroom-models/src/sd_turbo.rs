@@ -707,7 +707,7 @@ impl VaeEncoder {
 // ---------------------------------------------------------------------------------------------------------------
 
 /// A 3×3 (padding 1) or 1×1 convolution with bias. On the CPU in f32 it runs as GEMMs over bands of rows
-/// ([`crate::upscale::conv_gemm`]), which keeps both cores busy where candle's conv2d spends most of its time copying
+/// ([`crate::conv::conv_gemm`]), which keeps both cores busy where candle's conv2d spends most of its time copying
 /// (the VAE decoder at 512² was 80 % of an SD-Turbo image, on one core); elsewhere candle's conv2d.
 struct FastConv {
     weight: Tensor,
@@ -727,7 +727,7 @@ impl FastConv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.k / 2;
         let y = if x.device().is_cpu() && x.dtype() == DType::F32 && x.dim(0)? == 1 {
-            crate::upscale::conv_gemm(x, &self.matrix, (self.k, self.k), [p; 4], 1)?
+            crate::conv::conv_gemm(x, &self.matrix, (self.k, self.k), [p; 4], 1)?
         } else {
             x.conv2d(&self.weight, p, 1, 1, 1)?
         };
