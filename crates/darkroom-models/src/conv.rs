@@ -84,3 +84,362 @@ pub(crate) fn conv_gemm_rows(
     let y = if bands.len() == 1 { bands.pop().expect("one band") } else { Tensor::cat(&bands, 1)? };
     y.reshape((1, co, h, w))
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused convolutions on plain f32 buffers (SD-Turbo's VAE on the CPU)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Multiply-add FLOPs (two per multiply-add) run by [`Conv::forward`] since the process started: the benchmarks'
+/// profiles read it around a stage.
+pub static CONV_FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Output columns per band in [`Conv::forward`]: a band's accumulator (`co` × this) stays in the caches while the
+/// taps' products are summed into it.
+const BAND_COLUMNS: usize = 2048;
+
+/// What [`Conv::forward`] does to its input on the way into the padded buffer it multiplies, so that no separate
+/// pass (and no separate tensor) is needed for it.
+#[derive(Clone, Copy)]
+pub(crate) enum Prologue<'a> {
+    /// The input as it is.
+    Copy,
+    /// `silu(x · scale[c] + shift[c])`: a group normalisation folded into per-channel factors
+    /// ([`group_norm_factors`]), then SiLU.
+    NormSilu { scale: &'a [f32], shift: &'a [f32] },
+    /// Nearest-neighbour upsampling by 2 (the output is twice the input's size).
+    Upsample,
+}
+
+/// An ungrouped, stride-1, "same"-padded k×k convolution (k odd) with bias on `[C, H, W]` f32 buffers.
+///
+/// Rather than building a patch matrix (im2col, k² copies of the input), the input is copied once into a
+/// zero-padded buffer whose rows are `W + 2p` wide. On that grid, tap (ky, kx) of every output pixel reads the
+/// input at a fixed offset `ky·(W + 2p) + kx`, so the convolution is the sum over taps of `weights[tap]` (`[O, I]`)
+/// times a strided view of the padded buffer: k² GEMMs accumulating into one band of outputs at a time, with the
+/// 2p junk columns per row dropped when the band is written out (plus bias, plus an optional residual).
+pub(crate) struct Conv {
+    co: usize,
+    ci: usize,
+    k: usize,
+    /// `[k·k][co][ci]`
+    taps: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Conv {
+    /// From PyTorch's OIHW weights.
+    pub(crate) fn from_oihw(weight: &[f32], bias: &[f32], co: usize, ci: usize, k: usize) -> Self {
+        assert_eq!(weight.len(), co * ci * k * k, "weight shape");
+        assert_eq!(bias.len(), co, "bias shape");
+        let mut taps = vec![0f32; weight.len()];
+        for o in 0..co {
+            for i in 0..ci {
+                for t in 0..k * k {
+                    taps[(t * co + o) * ci + i] = weight[(o * ci + i) * k * k + t];
+                }
+            }
+        }
+        Conv { co, ci, k, taps, bias: bias.to_vec() }
+    }
+
+    pub(crate) fn out_channels(&self) -> usize {
+        self.co
+    }
+
+    /// `x` is `[ci, h, w]`; the output is `[co, H, W]` (twice h and w with [`Prologue::Upsample`]), plus
+    /// `residual` (`[co, H, W]`) when given.
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        prologue: Prologue,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let (co, ci, k) = (self.co, self.ci, self.k);
+        assert_eq!(x.len(), ci * h * w, "input shape");
+        let (oh, ow) = if matches!(prologue, Prologue::Upsample) { (2 * h, 2 * w) } else { (h, w) };
+        if let Some(r) = residual {
+            assert_eq!(r.len(), co * oh * ow, "residual shape");
+        }
+        let p = k / 2;
+        let wp = ow + 2 * p;
+        // One spare row so the last taps' reads past the last padded row stay inside the buffer.
+        let plane = (oh + 2 * p + usize::from(p > 0)) * wp;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let mut xp = vec![0f32; ci * plane];
+        let fill = |c0: usize, chunk: &mut [f32]| {
+            for (dc, dst) in chunk.chunks_mut(plane).enumerate() {
+                let c = c0 + dc;
+                let src = &x[c * h * w..(c + 1) * h * w];
+                for y in 0..oh {
+                    let row = &mut dst[(y + p) * wp + p..(y + p) * wp + p + ow];
+                    match prologue {
+                        Prologue::Copy => row.copy_from_slice(&src[y * w..(y + 1) * w]),
+                        Prologue::NormSilu { scale, shift } => {
+                            let (a, b) = (scale[c], shift[c]);
+                            for (d, &s) in row.iter_mut().zip(&src[y * w..(y + 1) * w]) {
+                                *d = silu(s * a + b);
+                            }
+                        }
+                        Prologue::Upsample => {
+                            let s = &src[(y / 2) * w..(y / 2 + 1) * w];
+                            for (d, pair) in row.chunks_exact_mut(2).zip(s) {
+                                d[0] = *pair;
+                                d[1] = *pair;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let per = ci.div_ceil(threads);
+        if threads == 1 || ci * oh * ow < 1 << 16 {
+            fill(0, &mut xp);
+        } else {
+            std::thread::scope(|s| {
+                for (i, chunk) in xp.chunks_mut(per * plane).enumerate() {
+                    s.spawn(move || fill(i * per, chunk));
+                }
+            });
+        }
+
+        // Bands of output rows; each worker takes every `threads`-th band.
+        let rows = (BAND_COLUMNS / wp).clamp(1, oh.div_ceil(threads).max(1));
+        let bands = oh.div_ceil(rows);
+        let mut out = vec![0f32; co * oh * ow];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let xp = &xp;
+        let work = |first: usize| {
+            let mut acc = vec![0f32; co * rows * wp];
+            for b in (first..bands).step_by(threads) {
+                let y0 = b * rows;
+                let r = rows.min(oh - y0);
+                let n = r * wp;
+                for t in 0..k * k {
+                    let (ky, kx) = (t / k, t % k);
+                    // SAFETY: the view's last read is at (ci − 1)·plane + (y0 + r − 1 + ky)·wp + wp − 1 + kx, inside
+                    // `xp` by the spare row; `acc` holds co × n floats; the taps hold co × ci.
+                    unsafe {
+                        gemm::gemm(
+                            co,
+                            n,
+                            ci,
+                            acc.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            t > 0,
+                            self.taps.as_ptr().add(t * co * ci),
+                            1,
+                            ci as isize,
+                            xp.as_ptr().add((y0 + ky) * wp + kx),
+                            1,
+                            plane as isize,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+                for o in 0..co {
+                    for y in 0..r {
+                        let src = &acc[o * n + y * wp..o * n + y * wp + ow];
+                        let at = (o * oh + y0 + y) * ow;
+                        // SAFETY: each (o, y) row of the output belongs to exactly one band, so the workers'
+                        // writes never overlap, and `out` outlives the scope.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), ow) };
+                        let bias = self.bias[o];
+                        match residual {
+                            Some(res) => {
+                                for ((d, &s), &q) in dst.iter_mut().zip(src).zip(&res[at..at + ow]) {
+                                    *d = s + bias + q;
+                                }
+                            }
+                            None => {
+                                for (d, &s) in dst.iter_mut().zip(src) {
+                                    *d = s + bias;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if threads == 1 {
+            work(0);
+        } else {
+            std::thread::scope(|s| {
+                for first in 0..threads.min(bands) {
+                    s.spawn(move || work(first));
+                }
+            });
+        }
+        CONV_FLOPS.fetch_add((2 * co * ci * k * k * oh * ow) as u64, std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only for the disjoint per-band writes in `Conv::forward`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Group normalisation of `x` (`[c, hw]`) with affine `gamma`, `beta`, as per-channel factors: `x·scale + shift` is
+/// the normalised value. Statistics are accumulated in f64 (PyTorch's biased variance).
+pub(crate) fn group_norm_factors(
+    x: &[f32],
+    c: usize,
+    groups: usize,
+    eps: f64,
+    gamma: &[f32],
+    beta: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(c.is_multiple_of(groups) && x.len().is_multiple_of(c), "group norm shape");
+    let hw = x.len() / c;
+    let stats = |ch: std::ops::Range<usize>| -> Vec<(f64, f64)> {
+        ch.map(|i| {
+            let (mut s, mut q) = (0f64, 0f64);
+            for part in x[i * hw..(i + 1) * hw].chunks(256) {
+                let (mut s32, mut q32) = (0f32, 0f32);
+                for &v in part {
+                    s32 += v;
+                    q32 += v * v;
+                }
+                s += s32 as f64;
+                q += q32 as f64;
+            }
+            (s, q)
+        })
+        .collect()
+    };
+    let threads = candle_core::utils::get_num_threads().clamp(1, c);
+    let per_channel: Vec<(f64, f64)> = if threads == 1 || x.len() < 1 << 16 {
+        stats(0..c)
+    } else {
+        let per = c.div_ceil(threads);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..c).step_by(per).map(|a| s.spawn(move || stats(a..(a + per).min(c)))).collect();
+            hs.into_iter().flat_map(|h| h.join().expect("group norm statistics")).collect()
+        })
+    };
+    let cg = c / groups;
+    let n = (cg * hw) as f64;
+    let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
+    for g in 0..groups {
+        let (s, q) = per_channel[g * cg..(g + 1) * cg].iter().fold((0f64, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
+        let mean = s / n;
+        let var = (q / n - mean * mean).max(0.0);
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in g * cg..(g + 1) * cg {
+            let a = gamma[i] as f64 * inv;
+            scale[i] = a as f32;
+            shift[i] = (beta[i] as f64 - mean * a) as f32;
+        }
+    }
+    (scale, shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The shifted-view convolution, with each prologue and a residual, equals candle's conv2d on the transformed
+    /// input.
+    #[test]
+    fn the_fused_convolution_equals_candles() {
+        let dev = Device::Cpu;
+        for &(ci, co, k, h, w) in &[(3, 5, 3, 7, 9), (8, 4, 1, 5, 6), (16, 24, 3, 33, 20), (4, 4, 3, 1, 1)] {
+            let x = random(ci * h * w, 1);
+            let wt = random(co * ci * k * k, 2);
+            let bias = random(co, 3);
+            let conv = Conv::from_oihw(&wt, &bias, co, ci, k);
+            let xt = Tensor::from_slice(&x, (1, ci, h, w), &dev).unwrap();
+            let wtt = Tensor::from_slice(&wt, (co, ci, k, k), &dev).unwrap();
+            let bt = Tensor::from_slice(&bias, (1, co, 1, 1), &dev).unwrap();
+            let reference = |input: &Tensor| {
+                input.conv2d(&wtt, k / 2, 1, 1, 1).unwrap().broadcast_add(&bt).unwrap().flatten_all().unwrap()
+            };
+            let close = |got: &[f32], want: Vec<f32>| {
+                assert_eq!(got.len(), want.len());
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{ci}->{co} k{k} {h}x{w}: off by {worst}");
+            };
+            // Plain, with a residual.
+            let res = random(co * h * w, 4);
+            let got = conv.forward(&x, (h, w), Prologue::Copy, Some(&res));
+            let want = (reference(&xt) + Tensor::from_slice(&res, co * h * w, &dev).unwrap()).unwrap();
+            close(&got, want.to_vec1().unwrap());
+            // Group norm (as factors) + SiLU.
+            let groups = if ci % 4 == 0 { 4 } else { 1 };
+            let (gamma, beta) = (random(ci, 5), random(ci, 6));
+            let (scale, shift) = group_norm_factors(&x, ci, groups, 1e-6, &gamma, &beta);
+            let gn = candle_nn::GroupNorm::new(
+                Tensor::from_slice(&gamma, ci, &dev).unwrap(),
+                Tensor::from_slice(&beta, ci, &dev).unwrap(),
+                ci,
+                groups,
+                1e-6,
+            )
+            .unwrap();
+            let normed = candle_nn::ops::silu(&candle_core::Module::forward(&gn, &xt).unwrap()).unwrap();
+            let got = conv.forward(&x, (h, w), Prologue::NormSilu { scale: &scale, shift: &shift }, None);
+            close(&got, reference(&normed).to_vec1().unwrap());
+            // Nearest upsampling by 2.
+            let got = conv.forward(&x, (h, w), Prologue::Upsample, None);
+            close(&got, reference(&xt.upsample_nearest2d(2 * h, 2 * w).unwrap()).to_vec1().unwrap());
+        }
+    }
+
+    /// `cargo test --release -p darkroom-models --lib conv::tests::speed -- --ignored --nocapture`: the fused
+    /// convolution against the patch-matrix one at SD's VAE sizes.
+    #[test]
+    #[ignore]
+    fn speed() {
+        let dev = Device::Cpu;
+        for &(c, s) in &[(512usize, 64usize), (512, 128), (256, 256), (128, 512)] {
+            let x = random(c * s * s, 1);
+            let wt = random(c * c * 9, 2);
+            let conv = Conv::from_oihw(&wt, &vec![0.0; c], c, c, 3);
+            let xt = Tensor::from_slice(&x, (1, c, s, s), &dev).unwrap();
+            let m = Tensor::from_slice(&wt, (c, c * 9), &dev).unwrap();
+            let flops = 2.0 * (c * c * 9 * s * s) as f64;
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            };
+            let a = time(&mut || drop(conv.forward(&x, (s, s), Prologue::Copy, None)));
+            let b = time(&mut || drop(conv_gemm(&xt, &m, (3, 3), [1; 4], 1).unwrap()));
+            println!(
+                "{c}@{s}: fused {a:.3}s {:.0} GFLOP/s, patch matrix {b:.3}s {:.0} GFLOP/s",
+                flops / a / 1e9,
+                flops / b / 1e9
+            );
+        }
+    }
+}

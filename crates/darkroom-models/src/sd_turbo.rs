@@ -706,22 +706,49 @@ impl VaeEncoder {
 // The VAE's decoder, with convolutions as patch-matrix GEMMs on the CPU
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A 3×3 (padding 1) or 1×1 convolution with bias. On the CPU in f32 it runs as GEMMs over bands of rows
-/// ([`crate::conv::conv_gemm`]), which keeps both cores busy where candle's conv2d spends most of its time copying
-/// (the VAE decoder at 512² was 80 % of an SD-Turbo image, on one core); elsewhere candle's conv2d.
+/// An activation on the CPU in f32: `[c, h, w]` (batch 1), what the VAE's fused CPU path passes between layers.
+struct Act {
+    c: usize,
+    h: usize,
+    w: usize,
+    data: Vec<f32>,
+}
+
+impl Act {
+    fn from_tensor(t: &Tensor) -> candle_core::Result<Act> {
+        let (_, c, h, w) = t.dims4()?;
+        Ok(Act { c, h, w, data: t.flatten_all()?.to_vec1::<f32>()? })
+    }
+
+    fn to_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(&self.data, (1, self.c, self.h, self.w), device)
+    }
+}
+
+/// A 3×3 (padding 1) or 1×1 convolution with bias. On the CPU in f32 the VAE runs it as [`crate::conv::Conv`]
+/// (GEMMs over shifted views of a padded input, with the group norm + SiLU or upsampling before it and the bias and
+/// residual after it fused in); on other devices, or through [`FastConv::forward`], as patch-matrix GEMMs
+/// ([`crate::conv::conv_gemm`]) or candle's conv2d.
 struct FastConv {
     weight: Tensor,
     matrix: Tensor,
     bias: Tensor,
     k: usize,
+    cpu: Option<crate::conv::Conv>,
 }
 
 impl FastConv {
     fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> candle_core::Result<Self> {
         let weight = vb.get((cout, cin, k, k), "weight")?;
         let matrix = weight.reshape((cout, cin * k * k))?;
-        let bias = vb.get(cout, "bias")?.reshape((1, cout, 1, 1))?;
-        Ok(FastConv { weight, matrix, bias, k })
+        let bias = vb.get(cout, "bias")?;
+        let cpu = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            Some(crate::conv::Conv::from_oihw(&w, &bias.to_vec1::<f32>()?, cout, cin, k))
+        } else {
+            None
+        };
+        Ok(FastConv { weight, matrix, bias: bias.reshape((1, cout, 1, 1))?, k, cpu })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -733,13 +760,48 @@ impl FastConv {
         };
         y.broadcast_add(&self.bias)
     }
+
+    /// The fused CPU convolution (only when [`FastConv::cpu`] is there).
+    fn run(&self, x: &Act, prologue: crate::conv::Prologue, residual: Option<&[f32]>) -> candle_core::Result<Act> {
+        let Some(conv) = &self.cpu else { candle_core::bail!("no CPU convolution") };
+        let data = conv.forward(&x.data, (x.h, x.w), prologue, residual);
+        let up = usize::from(matches!(prologue, crate::conv::Prologue::Upsample)) + 1;
+        Ok(Act { c: conv.out_channels(), h: x.h * up, w: x.w * up, data })
+    }
+}
+
+/// A group normalisation, kept with its affine parameters so the fused path can fold it into the next convolution.
+struct Norm {
+    gn: GroupNorm,
+    groups: usize,
+    eps: f64,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl Norm {
+    fn new(vb: VarBuilder, groups: usize, c: usize, eps: f64) -> candle_core::Result<Self> {
+        let (w, b) = (vb.get(c, "weight")?, vb.get(c, "bias")?);
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.to_dtype(DType::F32)?.to_vec1::<f32>() };
+        let (gamma, beta) = (host(&w)?, host(&b)?);
+        Ok(Norm { gn: GroupNorm::new(w, b, c, groups, eps)?, groups, eps, gamma, beta })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.gn.forward(x)
+    }
+
+    /// The normalisation of `x` as per-channel (scale, shift).
+    fn factors(&self, x: &Act) -> (Vec<f32>, Vec<f32>) {
+        crate::conv::group_norm_factors(&x.data, x.c, self.groups, self.eps, &self.gamma, &self.beta)
+    }
 }
 
 /// diffusers' `ResnetBlock2D` without a time embedding.
 struct VaeResnet {
-    norm1: GroupNorm,
+    norm1: Norm,
     conv1: FastConv,
-    norm2: GroupNorm,
+    norm2: Norm,
     conv2: FastConv,
     shortcut: Option<FastConv>,
 }
@@ -747,9 +809,9 @@ struct VaeResnet {
 impl VaeResnet {
     fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> candle_core::Result<Self> {
         Ok(VaeResnet {
-            norm1: candle_nn::group_norm(groups, cin, 1e-6, vb.pp("norm1"))?,
+            norm1: Norm::new(vb.pp("norm1"), groups, cin, 1e-6)?,
             conv1: FastConv::new(vb.pp("conv1"), cin, cout, 3)?,
-            norm2: candle_nn::group_norm(groups, cout, 1e-6, vb.pp("norm2"))?,
+            norm2: Norm::new(vb.pp("norm2"), groups, cout, 1e-6)?,
             conv2: FastConv::new(vb.pp("conv2"), cout, cout, 3)?,
             shortcut: if cin != cout { Some(FastConv::new(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
         })
@@ -763,6 +825,21 @@ impl VaeResnet {
             None => x + h,
         }
     }
+
+    /// The fused CPU path: norm + SiLU inside each convolution's input copy, the skip connection added as the
+    /// second convolution's output is written.
+    fn run(&self, x: &Act) -> candle_core::Result<Act> {
+        use crate::conv::Prologue;
+        let (scale, shift) = self.norm1.factors(x);
+        let h = self.conv1.run(x, Prologue::NormSilu { scale: &scale, shift: &shift }, None)?;
+        let (scale, shift) = self.norm2.factors(&h);
+        let skip = match &self.shortcut {
+            Some(s) => Some(s.run(x, Prologue::Copy, None)?),
+            None => None,
+        };
+        let residual = skip.as_ref().map_or(&x.data, |s| &s.data);
+        self.conv2.run(&h, Prologue::NormSilu { scale: &scale, shift: &shift }, Some(residual))
+    }
 }
 
 /// The VAE's decoder (`post_quant_conv` then diffusers' `Decoder`), computing what candle's `AutoEncoderKL::decode`
@@ -773,7 +850,7 @@ struct VaeDecoder {
     mid: (VaeResnet, candle_transformers::models::stable_diffusion::attention::AttentionBlock, VaeResnet),
     /// Per block: resnets, then an upsampling convolution (all but the last).
     up: Vec<(Vec<VaeResnet>, Option<FastConv>)>,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: FastConv,
 }
 
@@ -818,13 +895,22 @@ impl VaeDecoder {
             conv_in,
             mid,
             up,
-            norm_out: candle_nn::group_norm(g, last, 1e-6, d.pp("conv_norm_out"))?,
+            norm_out: Norm::new(d.pp("conv_norm_out"), g, last, 1e-6)?,
             conv_out: FastConv::new(d.pp("conv_out"), last, 3, 3)?,
         })
     }
 
-    /// Latents (unscaled, `[1, 4, h, w]`) → image `[1, 3, f·h, f·w]` in about [-1, 1].
+    /// Latents (unscaled, `[1, 4, h, w]`) → image `[1, 3, f·h, f·w]` in about [-1, 1]: the fused CPU path for one
+    /// f32 image on the CPU, else candle's operations.
     fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        if self.conv_in.cpu.is_some() && z.device().is_cpu() && z.dtype() == DType::F32 && z.dim(0)? == 1 {
+            self.decode_fused(z)
+        } else {
+            self.decode_unfused(z)
+        }
+    }
+
+    fn decode_unfused(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = match &self.post_quant {
             Some(p) => p.forward(z)?,
             None => z.clone(),
@@ -845,6 +931,28 @@ impl VaeDecoder {
         let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
     }
+
+    fn decode_fused(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::conv::Prologue;
+        let mut x = Act::from_tensor(z)?;
+        if let Some(p) = &self.post_quant {
+            x = p.run(&x, Prologue::Copy, None)?;
+        }
+        x = self.conv_in.run(&x, Prologue::Copy, None)?;
+        x = self.mid.0.run(&x)?;
+        x = Act::from_tensor(&self.mid.1.forward(&x.to_tensor(z.device())?)?)?;
+        x = self.mid.2.run(&x)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                x = r.run(&x)?;
+            }
+            if let Some(conv) = upsample {
+                x = conv.run(&x, Prologue::Upsample, None)?;
+            }
+        }
+        let (scale, shift) = self.norm_out.factors(&x);
+        self.conv_out.run(&x, Prologue::NormSilu { scale: &scale, shift: &shift }, None)?.to_tensor(z.device())
+    }
 }
 
 /// The VAE's encoder (diffusers' `Encoder` then `quant_conv`) with [`FastConv`] convolutions, for image-to-image; the
@@ -854,7 +962,7 @@ struct FastVaeEncoder {
     /// Per block: resnets, then a stride-2 convolution (all but the last).
     down: Vec<(Vec<VaeResnet>, Option<Conv2d>)>,
     mid: (VaeResnet, candle_transformers::models::stable_diffusion::attention::AttentionBlock, VaeResnet),
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: FastConv,
     quant: Option<FastConv>,
 }
@@ -894,14 +1002,26 @@ impl FastVaeEncoder {
             conv_in,
             down,
             mid,
-            norm_out: candle_nn::group_norm(g, last, 1e-6, e.pp("conv_norm_out"))?,
+            norm_out: Norm::new(e.pp("conv_norm_out"), g, last, 1e-6)?,
             conv_out: FastConv::new(e.pp("conv_out"), last, n, 3)?,
             quant: if c.use_quant_conv { Some(FastConv::new(vb.pp("quant_conv"), n, n, 1)?) } else { None },
         })
     }
 
-    /// Image `[1, 3, h, w]` in [-1, 1] → (mean, std) of the latent distribution.
+    /// Image `[1, 3, h, w]` in [-1, 1] → (mean, std) of the latent distribution (the fused CPU path for one f32
+    /// image on the CPU, else candle's operations).
     fn moments(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let x = if self.conv_in.cpu.is_some() && x.device().is_cpu() && x.dtype() == DType::F32 && x.dim(0)? == 1 {
+            self.encode_fused(x)?
+        } else {
+            self.encode_unfused(x)?
+        };
+        let parts = x.chunk(2, 1)?;
+        let logvar = parts[1].clamp(-30f32, 20f32)?;
+        Ok((parts[0].clone(), (logvar * 0.5)?.exp()?))
+    }
+
+    fn encode_unfused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.conv_in.forward(x)?;
         for (resnets, downsample) in &self.down {
             for r in resnets {
@@ -920,9 +1040,34 @@ impl FastVaeEncoder {
         if let Some(q) = &self.quant {
             x = q.forward(&x)?;
         }
-        let parts = x.chunk(2, 1)?;
-        let logvar = parts[1].clamp(-30f32, 20f32)?;
-        Ok((parts[0].clone(), (logvar * 0.5)?.exp()?))
+        Ok(x)
+    }
+
+    fn encode_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::conv::Prologue;
+        let device = x.device();
+        let mut a = self.conv_in.run(&Act::from_tensor(x)?, Prologue::Copy, None)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                a = r.run(&a)?;
+            }
+            if let Some(conv) = downsample {
+                // diffusers pads only after (right and bottom) before a stride-2 convolution (candle's here).
+                let t = a.to_tensor(device)?;
+                a = Act::from_tensor(
+                    &t.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?.apply(conv)?,
+                )?;
+            }
+        }
+        a = self.mid.0.run(&a)?;
+        a = Act::from_tensor(&self.mid.1.forward(&a.to_tensor(device)?)?)?;
+        a = self.mid.2.run(&a)?;
+        let (scale, shift) = self.norm_out.factors(&a);
+        a = self.conv_out.run(&a, Prologue::NormSilu { scale: &scale, shift: &shift }, None)?;
+        if let Some(q) = &self.quant {
+            a = q.run(&a, Prologue::Copy, None)?;
+        }
+        a.to_tensor(device)
     }
 }
 
