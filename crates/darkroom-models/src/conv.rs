@@ -89,9 +89,16 @@ pub(crate) fn conv_gemm_rows(
 // Fused convolutions on plain f32 buffers (SD-Turbo's VAE on the CPU)
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Multiply-add FLOPs (two per multiply-add) run by [`Conv::forward`] since the process started: the benchmarks'
-/// profiles read it around a stage.
-pub static CONV_FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    static CONV_FLOPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// FLOPs (two per multiply-add) of the [`Conv::forward`] calls made on this thread so far (a test holds the
+/// architecture's count, [`crate::sd_turbo::flops`], to it).
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn conv_flops() -> u64 {
+    CONV_FLOPS.with(|c| c.get())
+}
 
 /// Output columns per band in [`Conv::forward`]: a band's accumulator (`co` × this) stays in the caches while the
 /// taps' products are summed into it.
@@ -276,7 +283,7 @@ impl Conv {
                 }
             });
         }
-        CONV_FLOPS.fetch_add((2 * co * ci * k * k * oh * ow) as u64, std::sync::atomic::Ordering::Relaxed);
+        CONV_FLOPS.with(|c| c.set(c.get() + (2 * co * ci * k * k * oh * ow) as u64));
         out
     }
 }

@@ -633,9 +633,8 @@ pub fn clip_tokenizer(vocab: &Path, merges: &Path) -> Result<Tokenizer, String> 
 // The VAE's encoder (candle's is private), for image-to-image
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The VAE's encoder on candle's blocks: what writes a tiny checkpoint's encoder tensors, and the reference a test
-/// holds [`FastVaeEncoder`] (the one the pipeline runs) equal to. Outside tests only its tensors are used.
-#[cfg_attr(not(test), allow(dead_code))]
+/// The VAE's encoder on candle's blocks: what writes a tiny checkpoint's encoder tensors, and the reference
+/// pipeline's encoder ([`Pipeline::reference`]) that [`FastVaeEncoder`] is held equal to.
 struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock2D>,
@@ -685,7 +684,6 @@ impl VaeEncoder {
     }
 
     /// Image `[b, 3, h, w]` in [-1, 1] → (mean, std) of the latent distribution.
-    #[cfg(test)]
     fn moments(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = x.apply(&self.conv_in)?;
         for d in &self.down {
@@ -910,6 +908,72 @@ impl VaeDecoder {
         }
     }
 
+    /// Decodes in overlapping tiles of at most `tile × tile` latents when the latent is larger, blending the tiles
+    /// linearly across their `overlap`: the memory of a large image's decode stays that of one tile. As with
+    /// diffusers' `enable_vae_tiling`, each tile is normalised on its own statistics, so a tiled image differs
+    /// slightly from a whole one (the blend hides the seams).
+    fn decode_tiled(&self, z: &Tensor, tile: usize, overlap: usize) -> candle_core::Result<Tensor> {
+        let (_, _, lh, lw) = z.dims4()?;
+        if tile == 0 || (lh <= tile && lw <= tile) {
+            return self.decode(z);
+        }
+        let spans = |len: usize| -> Vec<(usize, usize)> {
+            if len <= tile {
+                return vec![(0, len)];
+            }
+            let step = tile.saturating_sub(overlap).max(1);
+            let n = (len - overlap.min(len)).div_ceil(step).max(2);
+            let size = (len + (n - 1) * overlap).div_ceil(n).min(len);
+            (0..n).map(|i| ((i * (len - size) + (n - 1) / 2) / (n - 1), size)).collect()
+        };
+        let (rows, cols) = (spans(lh), spans(lw));
+        let f = self.scale_factor();
+        let (h, w) = (lh * f, lw * f);
+        let mut sum = vec![0f32; 3 * h * w];
+        let mut weight = vec![0f32; h * w];
+        // Along one axis: 1 inside, ramping down over the overlap towards an edge that another tile covers.
+        let ramp = |at: usize, start: usize, size: usize, len: usize| -> f32 {
+            let r = (overlap * f).max(1) as f32;
+            let mut v = 1f32;
+            if start > 0 {
+                v = v.min((at as f32 + 0.5) / r);
+            }
+            if start + size < len {
+                v = v.min(((size * f - at) as f32 - 0.5) / r);
+            }
+            v.clamp(1e-3, 1.0)
+        };
+        for &(y0, th) in &rows {
+            for &(x0, tw) in &cols {
+                let part = self.decode(&z.narrow(2, y0, th)?.narrow(3, x0, tw)?)?;
+                let data = part.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let (ph, pw) = (th * f, tw * f);
+                for y in 0..ph {
+                    let wy = ramp(y, y0, th, lh);
+                    for x in 0..pw {
+                        let wt = wy * ramp(x, x0, tw, lw);
+                        let at = (y0 * f + y) * w + x0 * f + x;
+                        weight[at] += wt;
+                        for c in 0..3 {
+                            sum[c * h * w + at] += wt * data[(c * ph + y) * pw + x];
+                        }
+                    }
+                }
+            }
+        }
+        for plane in sum.chunks_mut(h * w) {
+            for (v, wt) in plane.iter_mut().zip(&weight) {
+                *v /= *wt;
+            }
+        }
+        Tensor::from_vec(sum, (1, 3, h, w), z.device())
+    }
+
+    /// Image pixels per latent pixel.
+    fn scale_factor(&self) -> usize {
+        1 << self.up.len().saturating_sub(1)
+    }
+
     fn decode_unfused(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = match &self.post_quant {
             Some(p) => p.forward(z)?,
@@ -1085,14 +1149,37 @@ pub struct Pipeline {
     pad: u32,
     unet: UNet2DConditionModel,
     unet_in: usize,
-    decoder: VaeDecoder,
+    decoder: Decoder,
     /// The VAE's block count (its scale factor is 2^(blocks − 1)).
     vae_blocks: usize,
-    encoder: FastVaeEncoder,
+    encoder: Encoder,
     vae_scale: f64,
+    /// For [`Pipeline::flops`].
+    shapes: (ClipConfig, UNet2DConditionModelConfig, AutoEncoderKLConfig),
     scheduler: EulerScheduler,
     device: Device,
     dtype: DType,
+}
+
+/// Latent tiles' overlap in tiled decoding (diffusers' 25 % of its 64-latent tiles).
+const VAE_TILE_OVERLAP: usize = 16;
+
+/// The largest latent side decoded whole (96: 768 pixels); larger images are decoded in tiles of at most this side.
+/// `DARKROOM_SD_VAE_TILE` sets it (0: never tile).
+fn vae_tile() -> usize {
+    std::env::var("DARKROOM_SD_VAE_TILE").ok().and_then(|v| v.parse().ok()).unwrap_or(96)
+}
+
+/// The VAE decoder: ours, or (the reference pipeline) candle's.
+enum Decoder {
+    Fast(VaeDecoder),
+    Reference(AutoEncoderKL),
+}
+
+/// The VAE encoder: ours, or (the reference pipeline) the one on candle's blocks.
+enum Encoder {
+    Fast(FastVaeEncoder),
+    Reference(VaeEncoder),
 }
 
 /// One generation.
@@ -1114,6 +1201,8 @@ pub struct Request {
 pub enum Event<'a> {
     /// The text is encoded.
     Encoded,
+    /// Image-to-image: the starting image is encoded to latents.
+    ImageEncoded,
     /// Denoising step `step` (from 1) of `steps` for image `image` is done; `preview` is a cheap RGB approximation
     /// of the predicted image at latent resolution.
     Step { image: usize, step: usize, steps: usize, preview: &'a RgbImage },
@@ -1171,16 +1260,23 @@ fn special_token(map: &Value, key: &str) -> Option<String> {
 impl Pipeline {
     /// Loads a checkpoint in diffusers' folder layout ([`FILES`]).
     pub fn from_dir(dir: &Path, device: Device) -> Result<Self, String> {
-        Self::load(dir, device, false)
+        Self::load(dir, device, false, false)
+    }
+
+    /// The straightforward pipeline: the same text encoder, UNet and scheduler, with candle's own VAE decoder and
+    /// the VAE encoder on candle's blocks. Tests hold the fast pipeline's images equal to its; the benchmark runs it
+    /// as the baseline (`darkroom bench diffusion --reference`).
+    pub fn reference(dir: &Path, device: Device, zero_weights: bool) -> Result<Self, String> {
+        Self::load(dir, device, zero_weights, true)
     }
 
     /// The checkpoint's architecture (its config files and tokenizer) with every weight zero: the full compute of
     /// the real model without its weight files (shape checks and benchmarks; the images are flat).
     pub fn with_zero_weights(dir: &Path, device: Device) -> Result<Self, String> {
-        Self::load(dir, device, true)
+        Self::load(dir, device, true, false)
     }
 
-    fn load(dir: &Path, device: Device, zeros: bool) -> Result<Self, String> {
+    fn load(dir: &Path, device: Device, zeros: bool, reference: bool) -> Result<Self, String> {
         let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let p = |n: &str| dir.join(n);
         let clip_cfg = ClipConfig::from_json(&read_json(&p("text_encoder/config.json"))?)
@@ -1219,11 +1315,22 @@ impl Pipeline {
         let vb = load("text_encoder/model.safetensors")?;
         let clip = ClipText::new(vb, &clip_cfg).map_err(|e| format!("text encoder: {e}"))?;
         let vb = load("unet/diffusion_pytorch_model.safetensors")?;
-        let unet =
-            UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg).map_err(|e| format!("unet: {e}"))?;
+        let unet = UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg.clone())
+            .map_err(|e| format!("unet: {e}"))?;
         let vb = load("vae/diffusion_pytorch_model.safetensors")?;
-        let decoder = VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?;
-        let encoder = FastVaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?;
+        let (decoder, encoder) = if reference {
+            (
+                Decoder::Reference(
+                    AutoEncoderKL::new(vb.clone(), 3, 3, vae_cfg.kl.clone()).map_err(|e| format!("vae: {e}"))?,
+                ),
+                Encoder::Reference(VaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?),
+            )
+        } else {
+            (
+                Decoder::Fast(VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?),
+                Encoder::Fast(FastVaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?),
+            )
+        };
         Ok(Pipeline {
             tokenizer,
             clip,
@@ -1237,10 +1344,34 @@ impl Pipeline {
             vae_blocks: vae_cfg.kl.block_out_channels.len(),
             encoder,
             vae_scale: vae_cfg.scaling_factor,
+            shapes: (clip_cfg, unet_cfg, vae_cfg.kl),
             scheduler,
             device,
             dtype,
         })
+    }
+
+    /// The floating-point work of each stage for one `width × height` image ([`flops`]).
+    pub fn flops(&self, width: u32, height: u32, guidance: bool) -> flops::StageFlops {
+        let (clip, unet, vae) = &self.shapes;
+        let f = self.vae_factor() as usize;
+        let (h, w) = (height as usize, width as usize);
+        let (dc, da) = flops::vae_decoder(vae, (h / f, w / f));
+        let (ec, ea) = flops::vae_encoder(vae, (h, w));
+        let texts = if guidance { 2.0 } else { 1.0 };
+        flops::StageFlops {
+            text_encoder: texts * flops::text_encoder(clip, self.max_tokens),
+            unet_step: flops::unet(
+                unet,
+                self.unet_in,
+                self.unet_in,
+                (h / f, w / f),
+                self.max_tokens,
+                if guidance { 2 } else { 1 },
+            ),
+            vae_decode: dc + da,
+            vae_encode: ec + ea,
+        }
     }
 
     /// How many latent pixels one image pixel is (8 for SD's four-block VAE).
@@ -1331,7 +1462,12 @@ impl Pipeline {
                 .permute((2, 0, 1))?
                 .to_dtype(DType::F32)?;
                 let x = ((x / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.dtype)?.to_device(&self.device)?;
-                Some(self.encoder.moments(&x)?)
+                let moments = match &self.encoder {
+                    Encoder::Fast(e) => e.moments(&x)?,
+                    Encoder::Reference(e) => e.moments(&x)?,
+                };
+                on_event(Event::ImageEncoded);
+                Some(moments)
             }
             None => None,
         };
@@ -1378,7 +1514,11 @@ impl Pipeline {
             if cancelled() {
                 return Err(GenError::Cancelled);
             }
-            let img = self.decoder.decode(&(x / self.vae_scale)?)?;
+            let z = (x / self.vae_scale)?;
+            let img = match &self.decoder {
+                Decoder::Fast(d) => d.decode_tiled(&z, vae_tile(), VAE_TILE_OVERLAP)?,
+                Decoder::Reference(d) => d.decode(&z)?,
+            };
             out.push(self.to_image(&img)?);
             on_event(Event::Decoded { image: i });
         }
@@ -1733,6 +1873,7 @@ impl Model for SdTurbo {
             let total = (count * (req.steps + 1)) as f64;
             let mut on_event = |ev: Event| match ev {
                 Event::Encoded => c2.progress(0.02, Some("prompt encoded".into())),
+                Event::ImageEncoded => c2.progress(0.03, Some("image encoded".into())),
                 Event::Step { image, step, steps, preview } => {
                     let done = (image * (steps + 1) + step) as f64;
                     c2.progress(0.02 + 0.96 * done / total, Some(format!("image {} step {step}/{steps}", image + 1)));
@@ -1788,6 +1929,8 @@ impl Model for SdTurbo {
         Ok(serde_json::to_value(out).expect("serialises"))
     }
 }
+
+pub mod flops;
 
 #[cfg(test)]
 mod tests;

@@ -59,8 +59,14 @@ pub struct UpscaleArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example (about two minutes per run on 2 cores):
-  darkroom bench diffusion --width 512 --height 512 --steps 1 --runs 2")]
+#[command(after_help = "Examples (about half a minute per run on 2 cores; two minutes with --reference):
+  darkroom bench diffusion --width 512 --height 512 --steps 1 --runs 2
+  darkroom bench diffusion --reference
+
+The first line measures the machine's peak: the best of three 2048x2048 f32 matrix products with candle (and the
+f16 and bf16 rates of the same kernels). Each run's line gives every stage's time, its FLOPs (counted from the
+architecture: convolutions, linear layers and attention products) and the rate as a fraction of that peak. Without
+--model or --dir the weights are zeros in SD-Turbo's real architecture (the compute does not depend on them).")]
 pub struct DiffusionArgs {
     /// A model in the model store (e.g. `sd-turbo`, fetched if needed).
     #[arg(long, conflicts_with = "dir")]
@@ -81,6 +87,10 @@ pub struct DiffusionArgs {
     /// Timed runs (the first one included: every run does the same work).
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Run the straightforward pipeline instead (candle's own VAE blocks), the baseline the fast one is measured
+    /// against.
+    #[arg(long)]
+    reference: bool,
 }
 
 #[derive(Debug, Args)]
@@ -310,17 +320,33 @@ async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
         }
     };
     let device = sd_turbo::pick_device();
+    let [f32_peak, f16_peak, bf16_peak] =
+        tokio::task::spawn_blocking(sd_turbo::flops::matmul_peaks).await?.map_err(anyhow::Error::msg)?;
+    println!(
+        "{}",
+        json!({"peak_matmul_gflops": {"f32": f32_peak, "f16": f16_peak, "bf16": bf16_peak, "n": 2048},
+               "threads": candle_threads()})
+    );
     let t = Instant::now();
+    let reference = a.reference;
     let p = tokio::task::spawn_blocking(move || {
-        if zeros { Pipeline::with_zero_weights(&dir, device) } else { Pipeline::from_dir(&dir, device) }
+        if reference {
+            Pipeline::reference(&dir, device, zeros)
+        } else if zeros {
+            Pipeline::with_zero_weights(&dir, device)
+        } else {
+            Pipeline::from_dir(&dir, device)
+        }
     })
     .await?
     .map_err(anyhow::Error::msg)?;
     println!(
         "{}",
-        json!({"model": what, "load_s": t.elapsed().as_secs_f64(), "threads": candle_threads(),
-               "width": a.width, "height": a.height, "steps": a.steps, "strength": a.strength})
+        json!({"model": what, "pipeline": if reference { "reference" } else { "fast" },
+               "load_s": t.elapsed().as_secs_f64(), "width": a.width, "height": a.height, "steps": a.steps,
+               "strength": a.strength})
     );
+    let flops = p.flops(a.width, a.height, false);
     let p = Arc::new(p);
     for run in 0..a.runs {
         let req = Request {
@@ -335,13 +361,13 @@ async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
             strength: a.strength.unwrap_or(1.0),
         };
         let p = p.clone();
-        let bar = indicatif::ProgressBar::new(a.steps as u64 + 2);
+        let bar = indicatif::ProgressBar::new(a.steps as u64 + 2 + u64::from(a.strength.is_some()));
         bar.set_message(format!("run {}", run + 1));
         let b2 = bar.clone();
         let line = tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
             let start = Instant::now();
             let mut last = start;
-            let (mut text_s, mut steps_s, mut vae_s) = (0.0, vec![], 0.0);
+            let (mut text_s, mut encode_s, mut steps_s, mut vae_s) = (0.0, None, vec![], 0.0);
             let mut lap = || {
                 let now = Instant::now();
                 let d = now.duration_since(last).as_secs_f64();
@@ -353,6 +379,7 @@ async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
                     b2.inc(1);
                     match e {
                         Event::Encoded => text_s = lap(),
+                        Event::ImageEncoded => encode_s = Some(lap()),
                         Event::Step { .. } => steps_s.push(lap()),
                         Event::Decoded { .. } => vae_s = lap(),
                     }
@@ -360,11 +387,28 @@ async fn diffusion(a: DiffusionArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             let t = Instant::now();
             let jpeg = sd_turbo::encode_image(&imgs[0], OutputFormat::Jpeg, 90).map_err(anyhow::Error::msg)?;
-            let encode_s = t.elapsed().as_secs_f64();
-            // The first step's time includes the VAE encoder for image-to-image.
-            Ok(json!({"run": run + 1, "text_encoder_s": text_s, "unet_steps_s": steps_s, "vae_decode_s": vae_s,
-                      "jpeg_encode_s": encode_s, "jpeg_bytes": jpeg.len(),
-                      "total_s": start.elapsed().as_secs_f64()}))
+            let jpeg_s = t.elapsed().as_secs_f64();
+            let stage = |secs: f64, flops: f64| {
+                json!({"s": secs, "gflop": flops / 1e9, "gflops": flops / 1e9 / secs,
+                       "of_peak": flops / 1e9 / secs / f32_peak})
+            };
+            let mut stages = serde_json::Map::new();
+            stages.insert("text_encoder".into(), stage(text_s, flops.text_encoder));
+            if let Some(s) = encode_s {
+                stages.insert("vae_encode".into(), stage(s, flops.vae_encode));
+            }
+            for (i, s) in steps_s.iter().enumerate() {
+                stages.insert(format!("unet_step_{}", i + 1), stage(*s, flops.unet_step));
+            }
+            stages.insert("vae_decode".into(), stage(vae_s, flops.vae_decode));
+            stages.insert("jpeg_encode".into(), json!({"s": jpeg_s, "bytes": jpeg.len()}));
+            let total = start.elapsed().as_secs_f64();
+            let all = flops.text_encoder
+                + flops.unet_step * steps_s.len() as f64
+                + flops.vae_decode
+                + encode_s.map_or(0.0, |_| flops.vae_encode);
+            Ok(json!({"run": run + 1, "stages": stages, "total_s": total, "total_gflop": all / 1e9,
+                      "total_of_peak": all / 1e9 / total / f32_peak}))
         })
         .await??;
         bar.finish_and_clear();

@@ -464,3 +464,85 @@ fn the_fast_vae_encoder_computes_what_candles_blocks_do() {
         assert!(scale > 1e-3 && diff <= 1e-4 * scale.max(1.0), "max |diff| {diff} for values up to {scale}");
     }
 }
+
+#[test]
+fn the_decoders_other_paths_and_flop_count_agree() {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let cfg = vae_config(&read_json(&d.path().join("vae/config.json")).unwrap()).unwrap();
+    let path = d.path().join("vae/diffusion_pytorch_model.safetensors");
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
+    let ours = VaeDecoder::new(vb, &cfg.kl).unwrap();
+    let z = Noise::new(5).tensor((1, 4, 12, 20), &Device::Cpu, DType::F32).unwrap();
+    let before = crate::conv::conv_flops();
+    let fused = ours.decode(&z).unwrap();
+    let counted = (crate::conv::conv_flops() - before) as f64;
+    // Every convolution of the fused path is counted, and the architecture's count agrees.
+    assert_eq!(counted, flops::vae_decoder(&cfg.kl, (12, 20)).0);
+    // The operation-by-operation path (what a GPU runs) computes the same.
+    let unfused = ours.decode_unfused(&z).unwrap();
+    let diff = (&fused - &unfused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "fused and unfused differ by {diff}");
+    // A tile covering the whole latent is the whole decode.
+    let whole = ours.decode_tiled(&z, 20, 4).unwrap();
+    assert!(
+        whole.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == fused.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // Tiles of 8 latents overlapping by 4: the full image, close to the whole decode on average (each tile is
+    // normalised on its own statistics, as diffusers' tiling does), with every pixel covered.
+    let tiled = ours.decode_tiled(&z, 8, 4).unwrap();
+    assert_eq!(tiled.dims(), fused.dims());
+    let v = tiled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
+    let mean_diff = (&tiled - &fused).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let spread = fused.abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("tiled vs whole: mean |diff| {mean_diff}, mean |value| {spread}");
+    assert!(mean_diff > 0.0 && mean_diff < 0.5 * spread, "mean |diff| {mean_diff} for mean |value| {spread}");
+}
+
+/// The fast pipeline (fused VAE) draws what the straightforward one on candle's blocks draws, text-to-image and
+/// image-to-image, to within one level of 255 per channel.
+#[test]
+fn the_fast_pipeline_draws_what_the_reference_pipeline_draws() {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let fast = Pipeline::from_dir(d.path(), Device::Cpu).unwrap();
+    let reference = Pipeline::reference(d.path(), Device::Cpu, false).unwrap();
+    assert!(matches!(reference.decoder, Decoder::Reference(_)) && matches!(fast.decoder, Decoder::Fast(_)));
+    let mut img2img = request(3);
+    img2img.init_image = Some(run(&fast, &request(2), 1).0.remove(0));
+    img2img.strength = 0.6;
+    for req in [request(1), img2img] {
+        let (a, _) = run(&fast, &req, 1);
+        let (b, _) = run(&reference, &req, 1);
+        let worst = a[0].as_raw().iter().zip(b[0].as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        let varied = a[0].as_raw().iter().any(|&x| x != a[0].as_raw()[0]);
+        assert!(varied && worst <= 1, "fast and reference differ by up to {worst} levels");
+    }
+    // Stage FLOPs are counted for the same shapes either way.
+    assert_eq!(fast.flops(64, 48, true), reference.flops(64, 48, true));
+    let f = fast.flops(64, 48, false);
+    assert!(f.text_encoder > 0.0 && f.unet_step > 0.0 && f.vae_decode > 0.0 && f.vae_encode > 0.0);
+    assert_eq!(fast.flops(64, 48, true).unet_step, 2.0 * f.unet_step);
+}
+
+/// The architecture's FLOPs at SD-Turbo's real shapes, against counts made by hand from its configs (the UNet's
+/// convolutions and transformers, the VAE decoder's 2.5 TFLOPs at 512²).
+#[test]
+fn stage_flops_at_sd_turbos_shapes() {
+    let d = tempfile::tempdir().unwrap();
+    write_sd_turbo_architecture(d.path()).unwrap();
+    let clip = ClipConfig::from_json(&read_json(&d.path().join("text_encoder/config.json")).unwrap()).unwrap();
+    let (unet, i, o) = unet_config(&read_json(&d.path().join("unet/config.json")).unwrap()).unwrap();
+    let vae = vae_config(&read_json(&d.path().join("vae/config.json")).unwrap()).unwrap().kl;
+    // CLIP ViT-H's text tower, 23 layers of 1024 over 77 tokens: 23 · (4·2·77·1024² + 2·2·77·1024·4096 + 4·77²·1024).
+    let text = 23.0 * (8.0 * 77.0 * 1048576.0 + 4.0 * 77.0 * 4194304.0 + 4.0 * 5929.0 * 1024.0);
+    assert_eq!(flops::text_encoder(&clip, 77), text);
+    let (dc, da) = flops::vae_decoder(&vae, (64, 64));
+    // Decoder convolutions at 512²: 64² 512-wide (conv_in, 2 + 6 resnet convs), 128² and 256² upsampling, …
+    assert!((dc / 1e9 - 2440.0).abs() < 40.0, "{}", dc / 1e9);
+    assert!((da / 1e9 - 43.0).abs() < 1.0, "{}", da / 1e9);
+    let u = flops::unet(&unet, i, o, (64, 64), 77, 1);
+    assert!((u / 1e9 - 800.0).abs() < 40.0, "{}", u / 1e9);
+}
