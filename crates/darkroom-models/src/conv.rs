@@ -158,9 +158,22 @@ impl Conv {
     pub(crate) fn forward(
         &self,
         x: &[f32],
+        size: (usize, usize),
+        prologue: Prologue,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
+        self.forward_biased(x, size, prologue, residual, None)
+    }
+
+    /// [`Conv::forward`] with a per-channel `extra` bias added to the convolution's own (a UNet resnet's time
+    /// embedding).
+    pub(crate) fn forward_biased(
+        &self,
+        x: &[f32],
         (h, w): (usize, usize),
         prologue: Prologue,
         residual: Option<&[f32]>,
+        extra: Option<&[f32]>,
     ) -> Vec<f32> {
         let (co, ci, k) = (self.co, self.ci, self.k);
         assert_eq!(x.len(), ci * h * w, "input shape");
@@ -257,7 +270,7 @@ impl Conv {
                         // SAFETY: each (o, y) row of the output belongs to exactly one band, so the workers'
                         // writes never overlap, and `out` outlives the scope.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), ow) };
-                        let bias = self.bias[o];
+                        let bias = self.bias[o] + extra.map_or(0.0, |e| e[o]);
                         match residual {
                             Some(res) => {
                                 for ((d, &s), &q) in dst.iter_mut().zip(src).zip(&res[at..at + ow]) {
@@ -289,14 +302,136 @@ impl Conv {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only for the disjoint per-band writes in `Conv::forward`.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// `e^x` to within 2 ulp for x in [-87, 88] (clamped outside), branch-free so loops over it vectorise:
+/// `2^n · p(r)` with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2` and p the degree-7 Taylor polynomial.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and removing 1.5·2^23 rounds to an integer without a rounding instruction.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Softmax attention of `n` queries over `m` keys in `heads` heads of `dh`: `q` is `[n, heads·dh]`, `k` and `v`
+/// `[m, heads·dh]` (token-major, as linear layers give them); the result is `[n, heads·dh]`. For each head and block
+/// of queries, the scores are one GEMM into a buffer that stays in cache, the softmax runs in place on it (with
+/// [`exp`]), and a second GEMM multiplies it with the values, normalising after: the `heads × n × m` score tensor
+/// of the unfused form (and its separate softmax pass) never exists. Heads × blocks are shared among the threads.
+pub(crate) fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n, m): (usize, usize),
+    (heads, dh): (usize, usize),
+    scale: f32,
+) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let hd = heads * dh;
+    assert!(q.len() == n * hd && k.len() == m * hd && v.len() == m * hd, "attention shapes");
+    let blocks = n.div_ceil(BLOCK);
+    let items = heads * blocks;
+    let threads = candle_core::utils::get_num_threads().clamp(1, items.max(1));
+    let mut out = vec![0f32; n * hd];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let work = |first: usize| {
+        let mut s = vec![0f32; BLOCK * m];
+        let mut inv = [0f32; BLOCK];
+        for item in (first..items).step_by(threads) {
+            let (h, b) = (item / blocks, item % blocks);
+            let r0 = b * BLOCK;
+            let r = BLOCK.min(n - r0);
+            // SAFETY: every view is inside its slice by the asserted shapes; each (head, block) writes its own
+            // rows × columns of `out`, which outlives the scope.
+            unsafe {
+                gemm::gemm(
+                    r,
+                    m,
+                    dh,
+                    s.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    q.as_ptr().add(r0 * hd + h * dh),
+                    1,
+                    hd as isize,
+                    k.as_ptr().add(h * dh),
+                    hd as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, row) in s[..r * m].chunks_exact_mut(m).enumerate() {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                for x in row.iter_mut() {
+                    *x = exp(*x - max);
+                }
+                inv[i] = 1.0 / row.iter().sum::<f32>();
+            }
+            unsafe {
+                let dst = out_ptr.get().add(r0 * hd + h * dh);
+                gemm::gemm(
+                    r,
+                    dh,
+                    m,
+                    dst,
+                    1,
+                    hd as isize,
+                    false,
+                    s.as_ptr(),
+                    1,
+                    m as isize,
+                    v.as_ptr().add(h * dh),
+                    1,
+                    hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for (i, f) in inv.iter().enumerate().take(r) {
+                    for x in std::slice::from_raw_parts_mut(dst.add(i * hd), dh) {
+                        *x *= f;
+                    }
+                }
+            }
+        }
+    };
+    if threads == 1 {
+        work(0);
+    } else {
+        std::thread::scope(|sc| {
+            for first in 0..threads {
+                sc.spawn(move || work(first));
+            }
+        });
+    }
+    out
 }
 
 #[inline]
@@ -418,6 +553,30 @@ mod tests {
             // Nearest upsampling by 2.
             let got = conv.forward(&x, (h, w), Prologue::Upsample, None);
             close(&got, reference(&xt.upsample_nearest2d(2 * h, 2 * w).unwrap()).to_vec1().unwrap());
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_and_attention_equals_the_unfused_form() {
+        for i in -8700..8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            let (got, want) = (exp(x), x.exp());
+            assert!((got - want).abs() <= 2.5 * f32::EPSILON * want, "exp({x}) = {got}, not {want}");
+        }
+        let dev = Device::Cpu;
+        for &(n, m, heads, dh) in &[(70, 77, 2, 8), (130, 130, 3, 5), (1, 3, 1, 4)] {
+            let (q, k, v) = (random(n * heads * dh, 1), random(m * heads * dh, 2), random(m * heads * dh, 3));
+            let scale = 1.0 / (dh as f32).sqrt();
+            let got = attention(&q, &k, &v, (n, m), (heads, dh), scale);
+            let t = |x: &[f32], len| {
+                Tensor::from_slice(x, (len, heads, dh), &dev).unwrap().transpose(0, 1).unwrap().contiguous().unwrap()
+            };
+            let (qt, kt, vt) = (t(&q, n), t(&k, m), t(&v, m));
+            let scores = (qt.matmul(&kt.t().unwrap()).unwrap() * scale as f64).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&vt).unwrap();
+            let want = want.transpose(0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{n}x{m}, {heads} heads of {dh}: off by {worst}");
         }
     }
 

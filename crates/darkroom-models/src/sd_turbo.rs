@@ -704,7 +704,8 @@ impl VaeEncoder {
 // The VAE's decoder, with convolutions as patch-matrix GEMMs on the CPU
 // ---------------------------------------------------------------------------------------------------------------
 
-/// An activation on the CPU in f32: `[c, h, w]` (batch 1), what the VAE's fused CPU path passes between layers.
+/// An activation on the CPU in f32: `[c, h, w]` (batch 1), what the fused CPU paths pass between layers.
+#[derive(Clone)]
 struct Act {
     c: usize,
     h: usize,
@@ -763,6 +764,20 @@ impl FastConv {
     fn run(&self, x: &Act, prologue: crate::conv::Prologue, residual: Option<&[f32]>) -> candle_core::Result<Act> {
         let Some(conv) = &self.cpu else { candle_core::bail!("no CPU convolution") };
         let data = conv.forward(&x.data, (x.h, x.w), prologue, residual);
+        let up = usize::from(matches!(prologue, crate::conv::Prologue::Upsample)) + 1;
+        Ok(Act { c: conv.out_channels(), h: x.h * up, w: x.w * up, data })
+    }
+
+    /// [`FastConv::run`] plus a per-channel bias.
+    fn run_biased(
+        &self,
+        x: &Act,
+        prologue: crate::conv::Prologue,
+        residual: Option<&[f32]>,
+        extra: Option<&[f32]>,
+    ) -> candle_core::Result<Act> {
+        let Some(conv) = &self.cpu else { candle_core::bail!("no CPU convolution") };
+        let data = conv.forward_biased(&x.data, (x.h, x.w), prologue, residual, extra);
         let up = usize::from(matches!(prologue, crate::conv::Prologue::Upsample)) + 1;
         Ok(Act { c: conv.out_channels(), h: x.h * up, w: x.w * up, data })
     }
@@ -1147,7 +1162,7 @@ pub struct Pipeline {
     bos: u32,
     eos: u32,
     pad: u32,
-    unet: UNet2DConditionModel,
+    unet: Unet,
     unet_in: usize,
     decoder: Decoder,
     /// The VAE's block count (its scale factor is 2^(blocks − 1)).
@@ -1168,6 +1183,12 @@ const VAE_TILE_OVERLAP: usize = 16;
 /// `DARKROOM_SD_VAE_TILE` sets it (0: never tile).
 fn vae_tile() -> usize {
     std::env::var("DARKROOM_SD_VAE_TILE").ok().and_then(|v| v.parse().ok()).unwrap_or(96)
+}
+
+/// The UNet: ours on the CPU, candle's elsewhere and in the reference pipeline.
+enum Unet {
+    Fast(unet::FastUnet),
+    Candle(UNet2DConditionModel),
 }
 
 /// The VAE decoder: ours, or (the reference pipeline) candle's.
@@ -1315,8 +1336,14 @@ impl Pipeline {
         let vb = load("text_encoder/model.safetensors")?;
         let clip = ClipText::new(vb, &clip_cfg).map_err(|e| format!("text encoder: {e}"))?;
         let vb = load("unet/diffusion_pytorch_model.safetensors")?;
-        let unet = UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg.clone())
-            .map_err(|e| format!("unet: {e}"))?;
+        let unet = if reference || !device.is_cpu() {
+            Unet::Candle(
+                UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg.clone())
+                    .map_err(|e| format!("unet: {e}"))?,
+            )
+        } else {
+            Unet::Fast(unet::FastUnet::new(vb, unet_in, unet_out, &unet_cfg).map_err(|e| format!("unet: {e}"))?)
+        };
         let vb = load("vae/diffusion_pytorch_model.safetensors")?;
         let (decoder, encoder) = if reference {
             (
@@ -1493,7 +1520,11 @@ impl Pipeline {
                 }
                 let scaled = (&x / (sigma * sigma + 1.0).sqrt())?;
                 let input = if cfg { Tensor::cat(&[&scaled, &scaled], 0)? } else { scaled };
-                let out = self.unet.forward(&input, t, &context)?;
+                let out = match &self.unet {
+                    Unet::Fast(u) if u.usable() => u.forward(&input, t, &context)?,
+                    Unet::Fast(_) => return Err(GenError::Failed("the fast UNet runs on the CPU in f32".into())),
+                    Unet::Candle(u) => u.forward(&input, t, &context)?,
+                };
                 let out = if cfg {
                     let parts = out.chunk(2, 0)?;
                     (&parts[0] + ((&parts[1] - &parts[0])? * req.guidance_scale)?)?
@@ -1577,7 +1608,7 @@ pub fn write_tiny_checkpoint(dir: &Path) -> Result<(), String> {
                       "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "gelu"});
     let unet = json!({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                       "attention_head_dim": [2, 4], "cross_attention_dim": 32, "layers_per_block": 1,
-                      "norm_num_groups": 8, "use_linear_projection": true, "in_channels": 4, "out_channels": 4});
+                      "norm_num_groups": 32, "use_linear_projection": true, "in_channels": 4, "out_channels": 4});
     let vae = json!({"block_out_channels": [16, 32], "layers_per_block": 1, "latent_channels": 4,
                      "norm_num_groups": 8, "scaling_factor": 0.18215});
     write("text_encoder/config.json", clip.clone())?;
@@ -1931,6 +1962,7 @@ impl Model for SdTurbo {
 }
 
 pub mod flops;
+mod unet;
 
 #[cfg(test)]
 mod tests;

@@ -546,3 +546,34 @@ fn stage_flops_at_sd_turbos_shapes() {
     let u = flops::unet(&unet, i, o, (64, 64), 77, 1);
     assert!((u / 1e9 - 800.0).abs() < 40.0, "{}", u / 1e9);
 }
+
+/// The fused UNet computes what candle's does (up to its GEGLU's exact GELU against candle's tanh approximation),
+/// for a batch of two (classifier-free guidance) at two timesteps, on an odd latent size too.
+#[test]
+fn the_fast_unet_computes_what_candles_does() {
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(d.path()).unwrap();
+    let (cfg, i, o) = unet_config(&read_json(&d.path().join("unet/config.json")).unwrap()).unwrap();
+    let path = d.path().join("unet/diffusion_pytorch_model.safetensors");
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
+    let reference = UNet2DConditionModel::new(vb.clone(), i, o, false, cfg.clone()).unwrap();
+    let ours = unet::FastUnet::new(vb, i, o, &cfg).unwrap();
+    assert!(ours.usable());
+    let mut noise = Noise::new(11);
+    for (h, w) in [(8, 12), (5, 7)] {
+        let x = noise.tensor((2, i, h, w), &Device::Cpu, DType::F32).unwrap();
+        let ctx =
+            noise.tensor((2, 77, cfg.cross_attention_dim, 1), &Device::Cpu, DType::F32).unwrap().squeeze(3).unwrap();
+        for t in [999.0, 499.0] {
+            let want = reference.forward(&x, t, &ctx).unwrap();
+            let got = ours.forward(&x, t, &ctx).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(
+                scale > 1e-3 && diff <= 2e-3 * scale.max(1.0),
+                "{h}x{w} t={t}: max |diff| {diff}, values up to {scale}"
+            );
+        }
+    }
+}
