@@ -128,25 +128,18 @@ pub(crate) struct Conv {
     co: usize,
     ci: usize,
     k: usize,
-    /// `[k·k][co][ci]`
-    taps: Vec<f32>,
+    /// PyTorch's OIHW layout: tap t's `[co, ci]` matrix is the view with row stride `ci·k²` and column stride `k²`
+    /// from element t (the GEMM packs it, so the strides cost nothing measurable and loading copies nothing).
+    weight: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl Conv {
     /// From PyTorch's OIHW weights.
-    pub(crate) fn from_oihw(weight: &[f32], bias: &[f32], co: usize, ci: usize, k: usize) -> Self {
+    pub(crate) fn from_oihw(weight: Vec<f32>, bias: Vec<f32>, co: usize, ci: usize, k: usize) -> Self {
         assert_eq!(weight.len(), co * ci * k * k, "weight shape");
         assert_eq!(bias.len(), co, "bias shape");
-        let mut taps = vec![0f32; weight.len()];
-        for o in 0..co {
-            for i in 0..ci {
-                for t in 0..k * k {
-                    taps[(t * co + o) * ci + i] = weight[(o * ci + i) * k * k + t];
-                }
-            }
-        }
-        Conv { co, ci, k, taps, bias: bias.to_vec() }
+        Conv { co, ci, k, weight, bias }
     }
 
     pub(crate) fn out_channels(&self) -> usize {
@@ -238,7 +231,8 @@ impl Conv {
                 for t in 0..k * k {
                     let (ky, kx) = (t / k, t % k);
                     // SAFETY: the view's last read is at (ci − 1)·plane + (y0 + r − 1 + ky)·wp + wp − 1 + kx, inside
-                    // `xp` by the spare row; `acc` holds co × n floats; the taps hold co × ci.
+                    // `xp` by the spare row; `acc` holds co × n floats; the weight view's last element is
+                    // (co − 1)·ci·k² + (ci − 1)·k² + t, inside the weights.
                     unsafe {
                         gemm::gemm(
                             co,
@@ -248,9 +242,9 @@ impl Conv {
                             1,
                             n as isize,
                             t > 0,
-                            self.taps.as_ptr().add(t * co * ci),
-                            1,
-                            ci as isize,
+                            self.weight.as_ptr().add(t),
+                            (k * k) as isize,
+                            (ci * k * k) as isize,
                             xp.as_ptr().add((y0 + ky) * wp + kx),
                             1,
                             plane as isize,
@@ -518,7 +512,7 @@ mod tests {
             let x = random(ci * h * w, 1);
             let wt = random(co * ci * k * k, 2);
             let bias = random(co, 3);
-            let conv = Conv::from_oihw(&wt, &bias, co, ci, k);
+            let conv = Conv::from_oihw(wt.clone(), bias.clone(), co, ci, k);
             let xt = Tensor::from_slice(&x, (1, ci, h, w), &dev).unwrap();
             let wtt = Tensor::from_slice(&wt, (co, ci, k, k), &dev).unwrap();
             let bt = Tensor::from_slice(&bias, (1, co, 1, 1), &dev).unwrap();
@@ -589,7 +583,7 @@ mod tests {
         for &(c, s) in &[(512usize, 64usize), (512, 128), (256, 256), (128, 512)] {
             let x = random(c * s * s, 1);
             let wt = random(c * c * 9, 2);
-            let conv = Conv::from_oihw(&wt, &vec![0.0; c], c, c, 3);
+            let conv = Conv::from_oihw(wt.clone(), vec![0.0; c], c, c, 3);
             let xt = Tensor::from_slice(&x, (1, c, s, s), &dev).unwrap();
             let m = Tensor::from_slice(&wt, (c, c * 9), &dev).unwrap();
             let flops = 2.0 * (c * c * 9 * s * s) as f64;

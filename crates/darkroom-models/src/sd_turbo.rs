@@ -729,8 +729,8 @@ impl Act {
 /// residual after it fused in); on other devices, or through [`FastConv::forward`], as patch-matrix GEMMs
 /// ([`crate::conv::conv_gemm`]) or candle's conv2d.
 struct FastConv {
-    weight: Tensor,
-    matrix: Tensor,
+    /// The weights as a tensor, for [`FastConv::forward`]; dropped on the CPU by [`FastConv::fused`].
+    weight: Option<Tensor>,
     bias: Tensor,
     k: usize,
     cpu: Option<crate::conv::Conv>,
@@ -738,24 +738,36 @@ struct FastConv {
 
 impl FastConv {
     fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> candle_core::Result<Self> {
+        Self::load(vb, cin, cout, k, true)
+    }
+
+    /// Without the tensor copy of the weights where the fused CPU form is made: for networks that only ever
+    /// [`FastConv::run`] on the CPU (the UNet), so their convolution weights are held once.
+    fn fused(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> candle_core::Result<Self> {
+        Self::load(vb, cin, cout, k, false)
+    }
+
+    fn load(vb: VarBuilder, cin: usize, cout: usize, k: usize, keep: bool) -> candle_core::Result<Self> {
         let weight = vb.get((cout, cin, k, k), "weight")?;
-        let matrix = weight.reshape((cout, cin * k * k))?;
         let bias = vb.get(cout, "bias")?;
         let cpu = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
-            Some(crate::conv::Conv::from_oihw(&w, &bias.to_vec1::<f32>()?, cout, cin, k))
+            Some(crate::conv::Conv::from_oihw(w, bias.to_vec1::<f32>()?, cout, cin, k))
         } else {
             None
         };
-        Ok(FastConv { weight, matrix, bias: bias.reshape((1, cout, 1, 1))?, k, cpu })
+        let weight = if keep || cpu.is_none() { Some(weight) } else { None };
+        Ok(FastConv { weight, bias: bias.reshape((1, cout, 1, 1))?, k, cpu })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(weight) = &self.weight else { candle_core::bail!("this convolution only runs fused on the CPU") };
         let p = self.k / 2;
         let y = if x.device().is_cpu() && x.dtype() == DType::F32 && x.dim(0)? == 1 {
-            crate::conv::conv_gemm(x, &self.matrix, (self.k, self.k), [p; 4], 1)?
+            let (co, ci, kh, kw) = weight.dims4()?;
+            crate::conv::conv_gemm(x, &weight.reshape((co, ci * kh * kw))?, (self.k, self.k), [p; 4], 1)?
         } else {
-            x.conv2d(&self.weight, p, 1, 1, 1)?
+            x.conv2d(weight, p, 1, 1, 1)?
         };
         y.broadcast_add(&self.bias)
     }

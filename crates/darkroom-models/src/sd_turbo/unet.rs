@@ -32,11 +32,11 @@ impl Resnet {
         let (g, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Resnet {
             norm1: Norm::new(vb.pp("norm1"), g, cin, eps)?,
-            conv1: FastConv::new(vb.pp("conv1"), cin, cout, 3)?,
+            conv1: FastConv::fused(vb.pp("conv1"), cin, cout, 3)?,
             temb: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
             norm2: Norm::new(vb.pp("norm2"), g, cout, eps)?,
-            conv2: FastConv::new(vb.pp("conv2"), cout, cout, 3)?,
-            shortcut: if cin != cout { Some(FastConv::new(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
+            conv2: FastConv::fused(vb.pp("conv2"), cout, cout, 3)?,
+            shortcut: if cin != cout { Some(FastConv::fused(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
         })
     }
 
@@ -272,18 +272,18 @@ impl FastUnet {
                 }
             }
             let upsample =
-                if i + 1 < n { Some(FastConv::new(v.pp("upsamplers").pp("0").pp("conv"), ch, ch, 3)?) } else { None };
+                if i + 1 < n { Some(FastConv::fused(v.pp("upsamplers").pp("0").pp("conv"), ch, ch, 3)?) } else { None };
             up.push(Up { resnets, attns, upsample });
         }
         Ok(FastUnet {
-            conv_in: FastConv::new(vb.pp("conv_in"), cin, c0, 3)?,
+            conv_in: FastConv::fused(vb.pp("conv_in"), cin, c0, 3)?,
             time_proj: Timesteps::new(c0, c.flip_sin_to_cos, c.freq_shift),
             time_emb: TimestepEmbedding::new(vb.pp("time_embedding"), c0, temb)?,
             down,
             mid,
             up,
             norm_out: Norm::new(vb.pp("conv_norm_out"), c.norm_num_groups, c0, c.norm_eps)?,
-            conv_out: FastConv::new(vb.pp("conv_out"), c0, cout, 3)?,
+            conv_out: FastConv::fused(vb.pp("conv_out"), c0, cout, 3)?,
             center: c.center_input_sample,
             downsample_padding: c.downsample_padding,
         })
