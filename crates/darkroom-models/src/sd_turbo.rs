@@ -1199,20 +1199,20 @@ fn vae_tile() -> usize {
 
 /// The UNet: ours on the CPU, candle's elsewhere and in the reference pipeline.
 enum Unet {
-    Fast(unet::FastUnet),
-    Candle(UNet2DConditionModel),
+    Fast(Box<unet::FastUnet>),
+    Candle(Box<UNet2DConditionModel>),
 }
 
 /// The VAE decoder: ours, or (the reference pipeline) candle's.
 enum Decoder {
-    Fast(VaeDecoder),
-    Reference(AutoEncoderKL),
+    Fast(Box<VaeDecoder>),
+    Reference(Box<AutoEncoderKL>),
 }
 
 /// The VAE encoder: ours, or (the reference pipeline) the one on candle's blocks.
 enum Encoder {
-    Fast(FastVaeEncoder),
-    Reference(VaeEncoder),
+    Fast(Box<FastVaeEncoder>),
+    Reference(Box<VaeEncoder>),
 }
 
 /// One generation.
@@ -1349,25 +1349,29 @@ impl Pipeline {
         let clip = ClipText::new(vb, &clip_cfg).map_err(|e| format!("text encoder: {e}"))?;
         let vb = load("unet/diffusion_pytorch_model.safetensors")?;
         let unet = if reference || !device.is_cpu() {
-            Unet::Candle(
+            Unet::Candle(Box::new(
                 UNet2DConditionModel::new(vb, unet_in, unet_out, false, unet_cfg.clone())
                     .map_err(|e| format!("unet: {e}"))?,
-            )
+            ))
         } else {
-            Unet::Fast(unet::FastUnet::new(vb, unet_in, unet_out, &unet_cfg).map_err(|e| format!("unet: {e}"))?)
+            Unet::Fast(Box::new(
+                unet::FastUnet::new(vb, unet_in, unet_out, &unet_cfg).map_err(|e| format!("unet: {e}"))?,
+            ))
         };
         let vb = load("vae/diffusion_pytorch_model.safetensors")?;
         let (decoder, encoder) = if reference {
             (
-                Decoder::Reference(
+                Decoder::Reference(Box::new(
                     AutoEncoderKL::new(vb.clone(), 3, 3, vae_cfg.kl.clone()).map_err(|e| format!("vae: {e}"))?,
-                ),
-                Encoder::Reference(VaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?),
+                )),
+                Encoder::Reference(Box::new(
+                    VaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?,
+                )),
             )
         } else {
             (
-                Decoder::Fast(VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?),
-                Encoder::Fast(FastVaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?),
+                Decoder::Fast(Box::new(VaeDecoder::new(vb.clone(), &vae_cfg.kl).map_err(|e| format!("vae: {e}"))?)),
+                Encoder::Fast(Box::new(FastVaeEncoder::new(vb, &vae_cfg.kl).map_err(|e| format!("vae encoder: {e}"))?)),
             )
         };
         Ok(Pipeline {
