@@ -833,12 +833,24 @@ struct VaeResnet {
 
 impl VaeResnet {
     fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> candle_core::Result<Self> {
+        Self::with_eps(vb, cin, cout, groups, 1e-6, FastConv::new)
+    }
+
+    /// With the norms' `eps`, and `conv` making the convolutions ([`FastConv::new`] or [`FastConv::fused`]).
+    fn with_eps(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        eps: f64,
+        conv: fn(VarBuilder, usize, usize, usize) -> candle_core::Result<FastConv>,
+    ) -> candle_core::Result<Self> {
         Ok(VaeResnet {
-            norm1: Norm::new(vb.pp("norm1"), groups, cin, 1e-6)?,
-            conv1: FastConv::new(vb.pp("conv1"), cin, cout, 3)?,
-            norm2: Norm::new(vb.pp("norm2"), groups, cout, 1e-6)?,
-            conv2: FastConv::new(vb.pp("conv2"), cout, cout, 3)?,
-            shortcut: if cin != cout { Some(FastConv::new(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
+            norm1: Norm::new(vb.pp("norm1"), groups, cin, eps)?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3)?,
+            norm2: Norm::new(vb.pp("norm2"), groups, cout, eps)?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3)?,
+            shortcut: if cin != cout { Some(conv(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
         })
     }
 
@@ -854,9 +866,15 @@ impl VaeResnet {
     /// The fused CPU path: norm + SiLU inside each convolution's input copy, the skip connection added as the
     /// second convolution's output is written.
     fn run(&self, x: &Act) -> candle_core::Result<Act> {
+        self.run_biased(x, None)
+    }
+
+    /// [`VaeResnet::run`] with a per-channel bias added after the first convolution (a UNet resnet's projected
+    /// time embedding).
+    fn run_biased(&self, x: &Act, extra: Option<&[f32]>) -> candle_core::Result<Act> {
         use crate::conv::Prologue;
         let (scale, shift) = self.norm1.factors(x);
-        let h = self.conv1.run(x, Prologue::NormSilu { scale: &scale, shift: &shift }, None)?;
+        let h = self.conv1.run_biased(x, Prologue::NormSilu { scale: &scale, shift: &shift }, None, extra)?;
         let (scale, shift) = self.norm2.factors(&h);
         let skip = match &self.shortcut {
             Some(s) => Some(s.run(x, Prologue::Copy, None)?),

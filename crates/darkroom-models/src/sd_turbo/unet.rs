@@ -12,46 +12,30 @@ use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
 
-use super::{Act, FastConv, Norm};
+use super::{Act, FastConv, Norm, VaeResnet};
 use crate::conv::Prologue;
 
 type R<T> = candle_core::Result<T>;
 
-/// diffusers' `ResnetBlock2D` with a time embedding.
+/// diffusers' `ResnetBlock2D` with a time embedding: the VAE's resnet with the projected embedding added after its
+/// first convolution.
 struct Resnet {
-    norm1: Norm,
-    conv1: FastConv,
+    core: VaeResnet,
     temb: Linear,
-    norm2: Norm,
-    conv2: FastConv,
-    shortcut: Option<FastConv>,
 }
 
 impl Resnet {
     fn new(vb: VarBuilder, cin: usize, cout: usize, temb: usize, c: &UNet2DConditionModelConfig) -> R<Self> {
-        let (g, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Resnet {
-            norm1: Norm::new(vb.pp("norm1"), g, cin, eps)?,
-            conv1: FastConv::fused(vb.pp("conv1"), cin, cout, 3)?,
+            core: VaeResnet::with_eps(vb.clone(), cin, cout, c.norm_num_groups, c.norm_eps, FastConv::fused)?,
             temb: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: Norm::new(vb.pp("norm2"), g, cout, eps)?,
-            conv2: FastConv::fused(vb.pp("conv2"), cout, cout, 3)?,
-            shortcut: if cin != cout { Some(FastConv::fused(vb.pp("conv_shortcut"), cin, cout, 1)?) } else { None },
         })
     }
 
     /// `emb` is SiLU of the time embedding, `[1, temb]`.
     fn run(&self, x: &Act, emb: &Tensor) -> R<Act> {
         let t = self.temb.forward(emb)?.flatten_all()?.to_vec1::<f32>()?;
-        let (scale, shift) = self.norm1.factors(x);
-        let h = self.conv1.run_biased(x, Prologue::NormSilu { scale: &scale, shift: &shift }, None, Some(&t))?;
-        let (scale, shift) = self.norm2.factors(&h);
-        let skip = match &self.shortcut {
-            Some(s) => Some(s.run(x, Prologue::Copy, None)?),
-            None => None,
-        };
-        let residual = skip.as_ref().map_or(&x.data, |s| &s.data);
-        self.conv2.run(&h, Prologue::NormSilu { scale: &scale, shift: &shift }, Some(residual))
+        self.core.run_biased(x, Some(&t))
     }
 }
 
