@@ -10,7 +10,7 @@
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
+use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 
 use super::{Act, FastConv, Norm, VaeResnet};
 use crate::conv::Prologue;
@@ -196,6 +196,12 @@ impl FastUnet {
         let temb = 4 * c0;
         let mut skips = vec![c0];
         let mut ch = c0;
+        // The transformer after resnet `j` of a block, in the blocks with cross-attention.
+        let cross_attention = |v: &VarBuilder, j: usize, ch: usize, b: BlockConfig| -> R<Option<Transformer>> {
+            b.use_cross_attn
+                .map(|depth| Transformer::new(v.pp("attentions").pp(j.to_string()), ch, depth, b.attention_head_dim, c))
+                .transpose()
+        };
         let mut down = vec![];
         for (i, b) in c.blocks.iter().enumerate() {
             let v = vb.pp("down_blocks").pp(i.to_string());
@@ -203,15 +209,7 @@ impl FastUnet {
             for j in 0..c.layers_per_block {
                 resnets.push(Resnet::new(v.pp("resnets").pp(j.to_string()), ch, b.out_channels, temb, c)?);
                 ch = b.out_channels;
-                if let Some(depth) = b.use_cross_attn {
-                    attns.push(Transformer::new(
-                        v.pp("attentions").pp(j.to_string()),
-                        ch,
-                        depth,
-                        b.attention_head_dim,
-                        c,
-                    )?);
-                }
+                attns.extend(cross_attention(&v, j, ch, *b)?);
                 skips.push(ch);
             }
             let downsample = if i + 1 < n {
@@ -245,15 +243,7 @@ impl FastUnet {
                 let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip channels".into()))?;
                 resnets.push(Resnet::new(v.pp("resnets").pp(j.to_string()), ch + skip, b.out_channels, temb, c)?);
                 ch = b.out_channels;
-                if let Some(depth) = b.use_cross_attn {
-                    attns.push(Transformer::new(
-                        v.pp("attentions").pp(j.to_string()),
-                        ch,
-                        depth,
-                        b.attention_head_dim,
-                        c,
-                    )?);
-                }
+                attns.extend(cross_attention(&v, j, ch, b)?);
             }
             let upsample =
                 if i + 1 < n { Some(FastConv::fused(v.pp("upsamplers").pp("0").pp("conv"), ch, ch, 3)?) } else { None };
