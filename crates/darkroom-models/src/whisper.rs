@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::whisper::{self as wm, model::Whisper as WhisperNet};
+use candle_transformers::models::whisper::{self as wm};
 use darkroom_core::app::AppSpec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,10 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::store::{ModelStore, builtin};
+
+mod decoder;
+mod encoder;
+mod layers;
 use crate::{Model, ModelError, RunContext, SetupReporter, SetupStage};
 
 pub const APP_ID: &str = "darkroom/whisper";
@@ -145,9 +149,8 @@ const LANGUAGES: [&str; 100] = [
 
 /// A loaded Whisper: network, tokenizer, mel filters.
 pub struct Loaded {
-    /// candle's Whisper: its audio encoder is used (its decoder re-runs the whole sequence each step; ours caches).
-    net: Mutex<WhisperNet>,
-    dec: cached::Decoder,
+    enc: encoder::Encoder,
+    dec: decoder::Decoder,
     tok: Tokenizer,
     cfg: wm::Config,
     specials: Specials,
@@ -174,11 +177,11 @@ impl Loaded {
     }
 
     pub fn new(vb: &VarBuilder, tok: Tokenizer, cfg: wm::Config, begin_suppress: Vec<u32>) -> Result<Self, String> {
-        let net = WhisperNet::load(vb, cfg.clone()).map_err(|e| format!("loading Whisper: {e}"))?;
-        let dec = cached::Decoder::load(vb.pp("model.decoder"), &cfg).map_err(|e| format!("loading Whisper: {e}"))?;
+        let enc = encoder::Encoder::load(vb.pp("model.encoder"), &cfg).map_err(|e| format!("loading Whisper: {e}"))?;
+        let dec = decoder::Decoder::load(vb.pp("model.decoder"), &cfg).map_err(|e| format!("loading Whisper: {e}"))?;
         let specials = Specials::new(&tok, &cfg, begin_suppress)?;
         let filters = mel_filters(wm::SAMPLE_RATE as f64, wm::N_FFT, cfg.num_mel_bins);
-        Ok(Loaded { net: Mutex::new(net), dec, tok, cfg, specials, filters })
+        Ok(Loaded { enc, dec, tok, cfg, specials, filters })
     }
 }
 
@@ -303,11 +306,11 @@ fn infer_err(e: impl std::fmt::Display) -> String {
 }
 
 /// Greedy decoding of one 30 s window with OpenAI's timestamp rules.
-fn decode_window(m: &Loaded, features: &Tensor, prompt: &[u32], max_initial_ts: u32) -> Result<WindowTokens, String> {
+fn decode_window(m: &Loaded, features: &[f32], prompt: &[u32], max_initial_ts: u32) -> Result<WindowTokens, String> {
     let sp = &m.specials;
     let vocab = m.cfg.vocab_size;
     let limit = max_tokens(&m.cfg).min(m.cfg.max_target_positions.saturating_sub(prompt.len() + 1));
-    let mut st = m.dec.start(features).map_err(infer_err)?;
+    let mut st = m.dec.start(features, features.len() / m.cfg.d_model).map_err(infer_err)?;
     let mut logits = m.dec.step(&mut st, prompt).map_err(infer_err)?;
     let mut sampled = Vec::with_capacity(limit);
     for _ in 0..limit {
@@ -465,10 +468,10 @@ pub fn transcribe(
     let t_mel = std::time::Instant::now();
     let mel = log_mel(&padded, &m.filters, m.cfg.num_mel_bins);
     let mut timing = [t_mel.elapsed().as_secs_f64(), 0.0, 0.0];
+    let (mut windows, mut decoded) = (0usize, 0usize);
     let n_mels = m.cfg.num_mel_bins;
     let total_frames = mel.len() / n_mels;
     let content_frames = pcm.len() / wm::HOP_LENGTH;
-    let mel = Tensor::from_vec(mel, (1, n_mels, total_frames), &Device::Cpu).map_err(|e| internal(infer_err(e)))?;
     let prompt_tokens: Vec<u32> = if input.prompt.trim().is_empty() {
         vec![]
     } else {
@@ -476,7 +479,6 @@ pub fn transcribe(
         let ids = enc.get_ids();
         ids[ids.len().saturating_sub(m.cfg.max_target_positions / 2 - 1)..].to_vec()
     };
-    let mut net = m.net.lock().map_err(|_| internal("the model is unusable after an earlier failure".into()))?;
     let mut seek = 0usize;
     let mut chunks = vec![];
     let mut languages = vec![];
@@ -487,9 +489,8 @@ pub fn transcribe(
             return Err(ModelError::Cancelled);
         }
         progress(seek as f64 / content_frames.max(1) as f64);
-        let window = mel.narrow(2, seek, wm::N_FRAMES).map_err(|e| internal(infer_err(e)))?;
         let t_enc = std::time::Instant::now();
-        let features = net.encoder.forward(&window, true).map_err(|e| internal(infer_err(e)))?;
+        let features = m.enc.forward(&mel, total_frames, seek, wm::N_FRAMES).map_err(|e| internal(infer_err(e)))?;
         timing[1] += t_enc.elapsed().as_secs_f64();
         let t_dec = std::time::Instant::now();
         let lang = match (lang_token, sp.multilingual) {
@@ -519,6 +520,8 @@ pub fn transcribe(
         let window_units = (((content_frames - seek).min(wm::N_FRAMES)) / 2) as u32;
         let out = decode_window(m, &features, &prompt, 50).map_err(internal)?;
         timing[2] += t_dec.elapsed().as_secs_f64();
+        windows += 1;
+        decoded += out.tokens.len();
         let (segs, consumed) = segments(&out.tokens, sp, window_units);
         let offset = seek as f64 * wm::HOP_LENGTH as f64 / wm::SAMPLE_RATE as f64;
         for (s, e, text) in segs {
@@ -535,9 +538,19 @@ pub fn transcribe(
         first = false;
     }
     progress(1.0);
-    tracing::debug!(mel_s = timing[0], encoder_s = timing[1], decoder_s = timing[2], "whisper timing");
+    tracing::debug!(
+        mel_s = timing[0],
+        encoder_s = timing[1],
+        decoder_s = timing[2],
+        windows,
+        decoded,
+        "whisper timing"
+    );
     if std::env::var_os("DARKROOM_WHISPER_TIMING").is_some() {
-        eprintln!("whisper timing: mel {:.3} s, encoder {:.3} s, decoder {:.3} s", timing[0], timing[1], timing[2]);
+        eprintln!(
+            "whisper timing: mel {:.3} s, encoder {:.3} s, decoder {:.3} s; {windows} windows, {decoded} tokens",
+            timing[0], timing[1], timing[2]
+        );
     }
     let text = all_text.concat().trim().to_string();
     let chunks = if input.chunk_level == ChunkLevel::None { vec![] } else { chunks };
@@ -548,13 +561,13 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn detect_language(m: &Loaded, features: &Tensor) -> Result<u32, String> {
+fn detect_language(m: &Loaded, features: &[f32]) -> Result<u32, String> {
     let sp = &m.specials;
     let ids: Vec<u32> = sp.languages.iter().map(|l| l.1).collect();
     if ids.is_empty() {
         return Ok(sp.sot + 1);
     }
-    let mut st = m.dec.start(features).map_err(infer_err)?;
+    let mut st = m.dec.start(features, features.len() / m.cfg.d_model).map_err(infer_err)?;
     m.dec.first_logits_argmax(&mut st, sp.sot, &ids).map_err(infer_err)
 }
 
@@ -743,6 +756,15 @@ pub(crate) mod tests {
         Tokenizer::from_bytes(serde_json::to_vec(&t).unwrap()).unwrap()
     }
 
+    /// Every variable of `vm` drawn from N(0, 0.1²) (candle's loaders initialise layer norms to zero, which would
+    /// make every output zero).
+    pub fn randomize(vm: &candle_nn::VarMap) {
+        for v in vm.all_vars() {
+            let r = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap();
+            v.set(&r).unwrap();
+        }
+    }
+
     pub fn tiny_config() -> wm::Config {
         serde_json::from_value(json!({
             "num_mel_bins": 80, "max_source_positions": 1500, "d_model": 64, "encoder_attention_heads": 2,
@@ -881,7 +903,7 @@ pub(crate) mod tests {
         let cfg = tiny_config();
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let net = WhisperNet::load(&vb, cfg.clone()).unwrap();
+        let net = candle_transformers::models::whisper::model::Whisper::load(&vb, cfg.clone()).unwrap();
         // Round trip through a safetensors file, as the store installs them.
         let d = tempfile::tempdir().unwrap();
         vm.save(d.path().join("model.safetensors")).unwrap();
@@ -1012,175 +1034,12 @@ mod golden {
     }
 }
 
-/// Whisper's text decoder with key/value caches: the prompt is run once, then each step feeds only the newest
-/// token (candle's decoder re-runs the whole sequence every step). Cross-attention keys and values are computed
-/// once per window. Same weights, same arithmetic as OpenAI's (exact GELU).
-pub(crate) mod cached {
-    use candle_core::{Device, IndexOp, Module, Result, Tensor};
-    use candle_nn::{LayerNorm, Linear, VarBuilder};
-
-    struct Attn {
-        q: Linear,
-        k: Linear,
-        v: Linear,
-        o: Linear,
-    }
-
-    impl Attn {
-        fn load(d: usize, vb: VarBuilder) -> Result<Self> {
-            Ok(Attn {
-                q: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-                k: candle_nn::linear_no_bias(d, d, vb.pp("k_proj"))?,
-                v: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-                o: candle_nn::linear(d, d, vb.pp("out_proj"))?,
-            })
-        }
-    }
-
-    struct Layer {
-        attn: Attn,
-        attn_ln: LayerNorm,
-        cross: Attn,
-        cross_ln: LayerNorm,
-        fc1: Linear,
-        fc2: Linear,
-        mlp_ln: LayerNorm,
-    }
-
-    fn ln(d: usize, vb: VarBuilder) -> Result<LayerNorm> {
-        Ok(LayerNorm::new(vb.get(d, "weight")?, vb.get(d, "bias")?, 1e-5))
-    }
-
-    pub struct Decoder {
-        embed: Tensor,
-        pos: Tensor,
-        layers: Vec<Layer>,
-        ln: LayerNorm,
-        n_head: usize,
-        d: usize,
-    }
-
-    /// Per-window state: each layer's self-attention keys/values so far and its cross-attention keys/values.
-    pub struct State {
-        self_kv: Vec<Option<(Tensor, Tensor)>>,
-        cross_kv: Vec<(Tensor, Tensor)>,
-        pub len: usize,
-    }
-
-    impl Decoder {
-        /// From the same weights candle's Whisper loads (`model.decoder.*`).
-        pub fn load(vb: VarBuilder, cfg: &candle_transformers::models::whisper::Config) -> Result<Self> {
-            let d = cfg.d_model;
-            let layers = (0..cfg.decoder_layers)
-                .map(|i| {
-                    let vb = vb.pp(format!("layers.{i}"));
-                    Ok(Layer {
-                        attn: Attn::load(d, vb.pp("self_attn"))?,
-                        attn_ln: ln(d, vb.pp("self_attn_layer_norm"))?,
-                        cross: Attn::load(d, vb.pp("encoder_attn"))?,
-                        cross_ln: ln(d, vb.pp("encoder_attn_layer_norm"))?,
-                        fc1: candle_nn::linear(d, 4 * d, vb.pp("fc1"))?,
-                        fc2: candle_nn::linear(4 * d, d, vb.pp("fc2"))?,
-                        mlp_ln: ln(d, vb.pp("final_layer_norm"))?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Decoder {
-                embed: vb.get((cfg.vocab_size, d), "embed_tokens.weight")?,
-                pos: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
-                layers,
-                ln: ln(d, vb.pp("layer_norm"))?,
-                n_head: cfg.decoder_attention_heads,
-                d,
-            })
-        }
-
-        fn heads(&self, x: &Tensor) -> Result<Tensor> {
-            let (b, n, _) = x.dims3()?;
-            x.reshape((b, n, self.n_head, self.d / self.n_head))?.transpose(1, 2)?.contiguous()
-        }
-
-        /// Cross-attention keys and values for encoder output `xa` ([1, frames, d]).
-        pub fn start(&self, xa: &Tensor) -> Result<State> {
-            let cross_kv = self
-                .layers
-                .iter()
-                .map(|l| Ok((self.heads(&l.cross.k.forward(xa)?)?, self.heads(&l.cross.v.forward(xa)?)?)))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(State { self_kv: vec![None; self.layers.len()], cross_kv, len: 0 })
-        }
-
-        fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-            let scale = ((self.d / self.n_head) as f64).powf(-0.5);
-            let mut w = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(m) = mask {
-                w = w.broadcast_add(m)?;
-            }
-            let w = candle_nn::ops::softmax_last_dim(&w)?;
-            w.matmul(v)?.transpose(1, 2)?.flatten_from(2)
-        }
-
-        /// Feeds `tokens` (the prompt first, then one token at a time) and returns the logits after the last one.
-        pub fn step(&self, st: &mut State, tokens: &[u32]) -> Result<Vec<f32>> {
-            let dev = Device::Cpu;
-            let n = tokens.len();
-            let ids = Tensor::new(tokens, &dev)?;
-            let mut x =
-                self.embed.index_select(&ids, 0)?.broadcast_add(&self.pos.narrow(0, st.len, n)?)?.unsqueeze(0)?;
-            let mask = if n > 1 {
-                let past = st.len;
-                let m: Vec<f32> = (0..n)
-                    .flat_map(|i| (0..past + n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-                    .collect();
-                Some(Tensor::from_vec(m, (n, past + n), &dev)?)
-            } else {
-                None
-            };
-            for (i, l) in self.layers.iter().enumerate() {
-                let h = l.attn_ln.forward(&x)?;
-                let q = self.heads(&l.attn.q.forward(&h)?)?;
-                let k = self.heads(&l.attn.k.forward(&h)?)?;
-                let v = self.heads(&l.attn.v.forward(&h)?)?;
-                let (k, v) = match st.self_kv[i].take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                let a = self.attend(&q, &k, &v, mask.as_ref())?;
-                st.self_kv[i] = Some((k, v));
-                x = (x + l.attn.o.forward(&a)?)?;
-                let h = l.cross_ln.forward(&x)?;
-                let q = self.heads(&l.cross.q.forward(&h)?)?;
-                let (ck, cv) = &st.cross_kv[i];
-                let a = self.attend(&q, ck, cv, None)?;
-                x = (x + l.cross.o.forward(&a)?)?;
-                let h = l.mlp_ln.forward(&x)?;
-                x = (&x + l.fc2.forward(&l.fc1.forward(&h)?.gelu_erf()?)?)?;
-            }
-            st.len += n;
-            // (vocab, d) × (d, 1): the embedding is used as stored, never transposed into a copy.
-            let last = self.ln.forward(&x.i((0, n - 1..n))?)?;
-            self.embed.matmul(&last.t()?.contiguous()?)?.squeeze(1)?.to_vec1::<f32>()
-        }
-
-        /// Greedy argmax over a language subset, for detection.
-        pub fn first_logits_argmax(&self, st: &mut State, sot: u32, subset: &[u32]) -> Result<u32> {
-            let logits = self.step(st, &[sot])?;
-            let mut best = (subset[0], f32::NEG_INFINITY);
-            for &t in subset {
-                if logits[t as usize] > best.1 {
-                    best = (t, logits[t as usize]);
-                }
-            }
-            Ok(best.0)
-        }
-    }
-}
-
 #[cfg(test)]
 mod cached_tests {
     use super::*;
     use candle_core::IndexOp;
     use candle_nn::VarMap;
+    use candle_transformers::models::whisper::model::Whisper as WhisperNet;
 
     /// The cached decoder computes what candle's decoder computes (up to GELU's tanh approximation there).
     #[test]
@@ -1189,10 +1048,11 @@ mod cached_tests {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let mut net = WhisperNet::load(&vb, cfg.clone()).unwrap();
-        let dec = cached::Decoder::load(vb.pp("model.decoder"), &cfg).unwrap();
+        tests::randomize(&vm);
+        let dec = decoder::Decoder::load(vb.pp("model.decoder"), &cfg).unwrap();
         let features = Tensor::randn(0f32, 1.0, (1, 1500, 64), &Device::Cpu).unwrap();
         let tokens = [50257u32, 50363, 11, 12, 13, 14, 50373];
-        let mut st = dec.start(&features).unwrap();
+        let mut st = dec.start(&features.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 1500).unwrap();
         let mut ours = vec![dec.step(&mut st, &tokens[..2]).unwrap()];
         for &t in &tokens[2..] {
             ours.push(dec.step(&mut st, &[t]).unwrap());
@@ -1205,7 +1065,7 @@ mod cached_tests {
             let want = want.to_vec1::<f32>().unwrap();
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             let diff = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(diff <= 2e-2 * scale.max(1e-3), "step {i}: {diff} vs {scale}");
+            assert!(scale > 1e-2 && diff <= 2e-2 * scale, "step {i}: {diff} vs {scale}");
         }
     }
 }
