@@ -484,7 +484,7 @@ pub fn transcribe(
     let mut languages = vec![];
     let mut all_text = vec![];
     let mut first = true;
-    while seek < content_frames.max(1) {
+    while more_windows(seek, content_frames, windows) {
         if cancel() {
             return Err(ModelError::Cancelled);
         }
@@ -555,6 +555,19 @@ pub fn transcribe(
     let text = all_text.concat().trim().to_string();
     let chunks = if input.chunk_level == ChunkLevel::None { vec![] } else { chunks };
     Ok(WhisperOutput { text, chunks, inferred_languages: languages, duration: round2(duration) })
+}
+
+/// Less audio than this (1 s of mel frames) after a window is not decoded again: the window before saw it whole
+/// and ended its last segment before it, and a window of almost nothing but padding is where Whisper hallucinates
+/// ("you"). whisper.cpp stops at the same point; OpenAI's loop decodes the remnant.
+const MIN_REMNANT_FRAMES: usize = 100;
+
+/// Whether another window starts at `seek` after `windows` windows of `content_frames` frames of audio.
+fn more_windows(seek: usize, content_frames: usize, windows: usize) -> bool {
+    if windows == 0 {
+        return true;
+    }
+    seek < content_frames && content_frames - seek >= MIN_REMNANT_FRAMES
 }
 
 fn round2(x: f64) -> f64 {
@@ -878,6 +891,16 @@ pub(crate) mod tests {
             let want = (v.max(max - 8.0) + 4.0) / 4.0;
             assert!((got[i] as f64 - want).abs() < 1e-3, "{i}: {} vs {want}", got[i]);
         }
+    }
+
+    #[test]
+    fn a_remnant_under_a_second_is_not_decoded() {
+        assert!(more_windows(0, 0, 0), "empty audio still gets its one window");
+        assert!(more_windows(0, 50, 0), "short audio gets its one window");
+        assert!(more_windows(2_700, 4_829, 1));
+        assert!(more_windows(4_729, 4_829, 2), "a full second left is decoded");
+        assert!(!more_windows(4_824, 4_829, 2), "0.05 s left is not");
+        assert!(!more_windows(4_829, 4_829, 2));
     }
 
     #[test]
