@@ -167,7 +167,20 @@ impl Index {
     pub fn position(&self, id: &str) -> Option<i64> {
         let b = self.jobs.get(id).filter(|b| b.state == JobState::Queued)?;
         let q = self.queues.get(&b.app_id)?;
-        Some(q.range(..b.order()).count() as i64)
+        // Counted from whichever end is nearer (both walked in step): a request just submitted is at the tail, so
+        // a submit's answer costs O(1) however long the queue, and a poll O(min(ahead, behind)).
+        let (mut ahead, mut behind) = (q.range(..b.order()), q.range(b.order()..));
+        let mut n = 0usize;
+        loop {
+            if ahead.next().is_none() {
+                return Some(n as i64);
+            }
+            if behind.next().is_none() {
+                // `behind` held n entries, this one included.
+                return Some((q.len() - n) as i64);
+            }
+            n += 1;
+        }
     }
 
     pub fn queued(&self, app_id: &str) -> i64 {
@@ -279,5 +292,18 @@ mod tests {
         assert_eq!(ix.len(), 0);
         assert!(ix.queues.is_empty() && ix.running.is_empty() && ix.key_active.is_empty());
         assert!(ix.key_queued.is_empty());
+    }
+
+    #[test]
+    fn positions_are_counted_from_either_end() {
+        // Three priorities interleaved, 301 jobs: every position equals a count of the jobs ahead.
+        let jobs: Vec<JobBrief> = (0..301)
+            .map(|i| brief(&format!("j{i}"), "app", "k", [0, 5, -3][i as usize % 3], i, JobState::Queued))
+            .collect();
+        let ix = Index::from_records(jobs.clone());
+        for j in &jobs {
+            let ahead = jobs.iter().filter(|o| o.order() < j.order()).count() as i64;
+            assert_eq!(ix.position(&j.id), Some(ahead), "{}", j.id);
+        }
     }
 }

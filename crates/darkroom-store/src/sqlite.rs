@@ -133,6 +133,139 @@ async fn enqueue_webhook_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome,
     Ok(())
 }
 
+/// A rusqlite row read through the same `try_get(name)` as sqlx's, so that the row macros decode both.
+struct Direct<'a, 'b>(&'a rusqlite::Row<'b>);
+
+impl Direct<'_, '_> {
+    fn try_get<T: rusqlite::types::FromSql>(&self, name: &str) -> rusqlite::Result<T> {
+        self.0.get(name)
+    }
+}
+
+fn job_from_direct(r: &rusqlite::Row<'_>) -> StoreResult<JobRecord> {
+    job_from_row!(&Direct(r))
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
+        && matches!(f.extended_code, rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY | rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE))
+}
+
+/// [`insert_job_in`] on the writer's direct handle.
+fn insert_job_direct(c: &rusqlite::Connection, j: &NewJob) -> StoreResult<JobRecord> {
+    let mut st = c.prepare_cached(&format!(
+        "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
+         no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
+         created_at, bill_unit, unit_price, runner_second_price) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+    ))?;
+    let res = st.query_row(
+        rusqlite::params![
+            j.id,
+            j.app_id,
+            j.path,
+            j.owner_id,
+            j.key_id,
+            j.mode.as_str(),
+            j.priority,
+            j.input,
+            j.max_attempts,
+            j.no_retry,
+            j.start_deadline,
+            j.runner_hint,
+            j.webhook_url,
+            j.webhook_dialect,
+            j.traceparent,
+            j.store_io,
+            j.boot_id,
+            j.created_at,
+            j.prices.unit.as_str(),
+            j.prices.unit_price,
+            j.prices.runner_second_price,
+        ],
+        |r| Ok(job_from_direct(r)),
+    );
+    match res {
+        Err(e) if is_unique_violation(&e) => Err(StoreError::Duplicate(j.id.clone())),
+        r => r?,
+    }
+}
+
+/// Starts a queued job's next attempt on `runner_id`; None if it is not queued.
+fn claim_direct(
+    c: &rusqlite::Connection,
+    job_id: &str,
+    runner_id: &str,
+    lease_until: Millis,
+    now: Millis,
+    boot: Option<&str>,
+) -> StoreResult<Option<JobRecord>> {
+    let mut st = c.prepare_cached(&format!(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
+         started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
+    ))?;
+    let mut rows = st.query(rusqlite::params![runner_id, lease_until, now, boot, job_id])?;
+    rows.next()?.map(job_from_direct).transpose()
+}
+
+/// [`enqueue_webhook_in`] and [`record_usage_in`] on the writer's direct handle: a completion's outbox row and
+/// usage line, in its transaction.
+fn after_completion_direct(c: &rusqlite::Connection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT webhook_url, webhook_dialect, traceparent, {} FROM jobs WHERE id = ?",
+        crate::usage::BILLING_COLUMNS
+    ))?;
+    let mut rows = st.query([job_id])?;
+    let Some(row) = rows.next()? else { return Ok(()) };
+    let r = Direct(row);
+    let url: Option<String> = r.try_get("webhook_url")?;
+    let dialect: Option<String> = r.try_get("webhook_dialect")?;
+    let traceparent: Option<String> = r.try_get("traceparent")?;
+    let b = crate::usage::billing_row!(&r);
+    drop(rows);
+    if let Some(url) = url {
+        c.prepare_cached(
+            "INSERT INTO webhook_deliveries (id, job_id, owner_id, url, body, dialect, state, next_attempt_at, \
+             traceparent, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        )?
+        .execute(rusqlite::params![
+            darkroom_core::ids::new_request_id(),
+            job_id,
+            b.owner_id,
+            url,
+            darkroom_core::webhook::payload(job_id, o),
+            dialect.unwrap_or_default(),
+            now,
+            traceparent,
+            now,
+        ])?;
+    }
+    if let Some(l) = crate::usage::line_for(job_id, b, o, now) {
+        c.prepare_cached(&format!(
+            "INSERT INTO usage_lines ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            crate::usage::LINE_COLUMNS
+        ))?
+        .execute(rusqlite::params![
+            l.id,
+            l.job_id,
+            l.owner_id,
+            l.key_id,
+            l.app_id,
+            l.path,
+            l.status,
+            l.unit,
+            l.units,
+            l.unit_price,
+            l.runner_second_price,
+            l.runner_ms,
+            l.cold_start_ms,
+            l.cost_nanos,
+            l.created_at,
+        ])?;
+    }
+    Ok(())
+}
+
 fn delivery_from_row(r: &SqliteRow) -> StoreResult<WebhookDelivery> {
     delivery_from_row!(r)
 }
@@ -230,29 +363,6 @@ async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<Job
         r => r?,
     };
     job_from_row(&row)
-}
-
-/// Starts a queued job's next attempt on `runner_id`; None if it is not queued.
-async fn claim_in(
-    c: &mut SqliteConnection,
-    job_id: &str,
-    runner_id: &str,
-    lease_until: Millis,
-    now: Millis,
-    boot: Option<&str>,
-) -> StoreResult<Option<JobRecord>> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
-         started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
-    )))
-    .bind(runner_id)
-    .bind(lease_until)
-    .bind(now)
-    .bind(boot)
-    .bind(job_id)
-    .fetch_optional(&mut *c)
-    .await?;
-    row.as_ref().map(job_from_row).transpose()
 }
 
 /// Deletes a completed job's input, result and logs; its metadata (state, times, status, error type) stays.
@@ -671,18 +781,7 @@ impl Store for SqliteStore {
 
     async fn enqueue(&self, j: &NewJob) -> StoreResult<JobRecord> {
         let j = j.to_owned();
-        self.writer
-            .write(
-                move |tx| {
-                    Box::pin(async move {
-                        let j = &j;
-                        let rec = insert_job_in(&mut *tx, j).await?;
-                        Ok(rec)
-                    })
-                },
-                |rec, ix| ix.record(rec),
-            )
-            .await
+        self.writer.write_sync(move |c| insert_job_direct(c, &j), |rec, ix| ix.record(rec)).await
     }
 
     async fn enqueue_idempotent(
@@ -791,15 +890,14 @@ impl Store for SqliteStore {
         let claims = claims.to_vec();
         let asked: Vec<String> = claims.iter().map(|c| c.0.clone()).collect();
         self.writer
-            .write(
-                move |tx| {
-                    Box::pin(async move {
-                        let mut out = Vec::with_capacity(claims.len());
-                        for (job_id, runner_id) in &claims {
-                            out.push(claim_in(&mut *tx, job_id, runner_id, lease_until, now, boot.as_deref()).await?);
-                        }
-                        Ok(out)
-                    })
+            .write_sync(
+                move |c| {
+                    claims
+                        .iter()
+                        .map(|(job_id, runner_id)| {
+                            claim_direct(c, job_id, runner_id, lease_until, now, boot.as_deref())
+                        })
+                        .collect::<StoreResult<Vec<_>>>()
                 },
                 move |recs, ix| {
                     for (rec, id) in recs.iter().zip(&asked) {
@@ -824,15 +922,13 @@ impl Store for SqliteStore {
         let j = j.clone();
         let runner_id = runner_id.to_owned();
         self.writer
-            .write(
-                move |tx| {
-                    Box::pin(async move {
-                        let rec = insert_job_in(&mut *tx, &j).await?;
-                        match claim_in(&mut *tx, &j.id, &runner_id, lease_until, now, boot.as_deref()).await? {
-                            Some(r) => Ok((r, true)),
-                            None => Ok((rec, false)),
-                        }
-                    })
+            .write_sync(
+                move |c| {
+                    let rec = insert_job_direct(c, &j)?;
+                    match claim_direct(c, &j.id, &runner_id, lease_until, now, boot.as_deref())? {
+                        Some(r) => Ok((r, true)),
+                        None => Ok((rec, false)),
+                    }
                 },
                 |(rec, _), ix| ix.record(rec),
             )
@@ -884,33 +980,28 @@ impl Store for SqliteStore {
         let o = o.to_owned();
         let done = job_id.to_owned();
         self.writer
-            .write(
-                move |tx| {
-                    Box::pin(async move {
-                        let job_id = &job_id;
-                        let o = &o;
-                        let n = sqlx::query(
-                "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, result_body = ?, error = ?, \
-                 error_type = ?, inference_ms = ?, lease_runner = NULL, lease_expires_at = NULL \
-                 WHERE id = ? AND state = 'running' AND attempts = ?",
-            )
-            .bind(now)
-            .bind(o.status as i64)
-            .bind(&o.body)
-            .bind(&o.error)
-            .bind(&o.error_type)
-            .bind(o.inference_ms)
-            .bind(job_id)
-            .bind(token)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-                        if n == 1 {
-                            enqueue_webhook_in(&mut *tx, job_id, o, now).await?;
-                            record_usage_in(&mut *tx, job_id, o, now).await?;
-                        }
-                        Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
-                    })
+            .write_sync(
+                move |c| {
+                    let n = c
+                        .prepare_cached(
+                            "UPDATE jobs SET state = 'completed', completed_at = ?, result_status = ?, \
+                             result_body = ?, error = ?, error_type = ?, inference_ms = ?, lease_runner = NULL, \
+                             lease_expires_at = NULL WHERE id = ? AND state = 'running' AND attempts = ?",
+                        )?
+                        .execute(rusqlite::params![
+                            now,
+                            o.status as i64,
+                            o.body,
+                            o.error,
+                            o.error_type,
+                            o.inference_ms,
+                            job_id,
+                            token
+                        ])?;
+                    if n == 1 {
+                        after_completion_direct(c, &job_id, &o, now)?;
+                    }
+                    Ok(if n == 1 { CompleteResult::Applied } else { CompleteResult::Stale })
                 },
                 move |res, ix| {
                     if *res == CompleteResult::Applied {

@@ -52,6 +52,7 @@ pub(crate) const BILLING_COLUMNS: &str =
 
 macro_rules! billing_row {
     ($r:expr) => {{
+        #[allow(unused_imports)]
         use sqlx::Row as _;
         let r = $r;
         $crate::usage::BillingRow {

@@ -73,3 +73,56 @@ async fn group_commit_isolates_failures_and_keeps_the_index() {
     assert_eq!(s.app_depths().await.unwrap(), depths);
     assert_eq!(s.queue_position(&first_queued).await.unwrap(), Some(0));
 }
+
+/// Batches that mix the writer's direct (rusqlite) operations with sqlx ones: a failure of either kind rolls back
+/// alone, whatever ran before or after it in the same transaction, on either connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_batches_isolate_failures_on_both_paths() {
+    use darkroom_store::conformance::job;
+    use darkroom_store::{KeyRecord, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let s = Arc::new(SqliteStore::open(&path, Durability::Full).await.unwrap());
+    let key = |id: String| KeyRecord {
+        key_id: id,
+        owner_id: "o".into(),
+        secret_hash: "h".into(),
+        scope: "client".into(),
+        name: "n".into(),
+        created_at: 1,
+        revoked_at: None,
+        webhook_dialect: None,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..300usize {
+        let s = s.clone();
+        // Jobs (direct) and keys (sqlx) interleaved; every seventh of each reuses the previous one's id.
+        let n = if i % 14 >= 12 { i - 2 } else { i };
+        tasks.push(tokio::spawn(async move {
+            let r = if i % 2 == 0 {
+                s.enqueue(&job(&format!("j{n}"), "app")).await.map(|_| ())
+            } else {
+                s.insert_key(&key(format!("k{n}"))).await
+            };
+            match r {
+                Ok(()) => (i % 2, 1),
+                Err(StoreError::Duplicate(_)) => (i % 2, 0),
+                Err(e) => panic!("{e}"),
+            }
+        }));
+    }
+    let mut landed = [0, 0];
+    for t in tasks {
+        let (kind, ok) = t.await.unwrap();
+        landed[kind] += ok;
+    }
+    let dups = (0..300usize).filter(|i| i % 14 >= 12).count() / 2;
+    assert_eq!(landed, [150 - dups, 150 - dups]);
+    assert_eq!(s.count_queued("app").await.unwrap(), (150 - dups) as i64);
+    assert_eq!(s.list_keys(None).await.unwrap().len(), 150 - dups);
+    s.close().await;
+    // Everything answered as landed is on disk.
+    let s = SqliteStore::open(&path, Durability::Full).await.unwrap();
+    assert_eq!(s.count_queued("app").await.unwrap(), (150 - dups) as i64);
+    assert_eq!(s.list_keys(None).await.unwrap().len(), 150 - dups);
+}
