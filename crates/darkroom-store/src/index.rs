@@ -5,7 +5,7 @@
 //! database now and then (and at start), which would repair any transition it missed; a repair is logged.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use darkroom_core::Millis;
 use darkroom_core::job::{JobRecord, JobState};
@@ -54,6 +54,9 @@ pub struct Index {
     jobs: HashMap<String, JobBrief>,
     /// Per app, its queued jobs in dispatch order (higher priority first, then FIFO).
     queues: HashMap<String, BTreeMap<(Reverse<i64>, i64), String>>,
+    /// Per app, its queued jobs by submit time: the oldest without a walk of the queue (depths are read on every
+    /// fleet tick).
+    ages: HashMap<String, BTreeSet<(Millis, i64)>>,
     running: HashMap<String, i64>,
     key_active: HashMap<String, i64>,
     /// Per key, how many of its jobs are queued at each priority.
@@ -88,6 +91,12 @@ impl Index {
                         self.queues.remove(&b.app_id);
                     }
                 }
+                if let Some(a) = self.ages.get_mut(&b.app_id) {
+                    a.remove(&(b.created_at, b.seq));
+                    if a.is_empty() {
+                        self.ages.remove(&b.app_id);
+                    }
+                }
                 if let Some(k) = self.key_queued.get_mut(&b.key_id) {
                     if let Some(n) = k.get_mut(&b.priority) {
                         *n -= 1;
@@ -111,6 +120,7 @@ impl Index {
             JobState::Completed => return,
             JobState::Queued => {
                 self.queues.entry(b.app_id.clone()).or_default().insert(b.order(), b.id.clone());
+                self.ages.entry(b.app_id.clone()).or_default().insert((b.created_at, b.seq));
                 *self.key_queued.entry(b.key_id.clone()).or_default().entry(b.priority).or_insert(0) += 1;
             }
             _ => bump(&mut self.running, &b.app_id, 1),
@@ -206,7 +216,7 @@ impl Index {
         for (app, q) in &self.queues {
             let d = apps.entry(app).or_insert_with(|| AppDepth { app_id: app.clone(), ..Default::default() });
             d.queued = q.len() as i64;
-            d.oldest_queued_at = q.values().filter_map(|id| self.jobs.get(id)).map(|b| b.created_at).min();
+            d.oldest_queued_at = self.ages.get(app).and_then(|a| a.first()).map(|(t, _)| *t);
         }
         for (app, n) in &self.running {
             apps.entry(app).or_insert_with(|| AppDepth { app_id: app.clone(), ..Default::default() }).running = *n;
@@ -290,7 +300,7 @@ mod tests {
         ix.remove("d");
         ix.remove("nope");
         assert_eq!(ix.len(), 0);
-        assert!(ix.queues.is_empty() && ix.running.is_empty() && ix.key_active.is_empty());
+        assert!(ix.queues.is_empty() && ix.ages.is_empty() && ix.running.is_empty() && ix.key_active.is_empty());
         assert!(ix.key_queued.is_empty());
     }
 
@@ -300,10 +310,25 @@ mod tests {
         let jobs: Vec<JobBrief> = (0..301)
             .map(|i| brief(&format!("j{i}"), "app", "k", [0, 5, -3][i as usize % 3], i, JobState::Queued))
             .collect();
-        let ix = Index::from_records(jobs.clone());
+        let mut ix = Index::from_records(jobs.clone());
         for j in &jobs {
             let ahead = jobs.iter().filter(|o| o.order() < j.order()).count() as i64;
             assert_eq!(ix.position(&j.id), Some(ahead), "{}", j.id);
         }
+        // The oldest queued job by submit time, whatever its priority, as jobs leave and come back.
+        let oldest = |ix: &Index| ix.depths()[0].oldest_queued_at;
+        assert_eq!(oldest(&ix), Some(0));
+        ix.remove("j0");
+        assert_eq!(oldest(&ix), Some(10));
+        let mut late = brief("late", "app", "k", 9, 400, JobState::Queued);
+        late.created_at = 5;
+        ix.put(late);
+        assert_eq!(oldest(&ix), Some(5));
+        for i in 1..301 {
+            ix.remove(&format!("j{i}"));
+        }
+        assert_eq!(oldest(&ix), Some(5));
+        ix.remove("late");
+        assert!(ix.depths().is_empty() && ix.ages.is_empty());
     }
 }

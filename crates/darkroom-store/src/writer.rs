@@ -224,7 +224,7 @@ impl Target<'_> {
     async fn exec(&mut self, sql: &'static str) -> bool {
         match self {
             Target::Sqlx(c) => exec(c, sql).await.is_ok(),
-            Target::Direct(d) => d.execute_batch(sql).is_ok(),
+            Target::Direct(d) => d.prepare_cached(sql).and_then(|mut st| st.execute([])).is_ok(),
         }
     }
 
