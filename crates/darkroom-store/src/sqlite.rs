@@ -133,18 +133,78 @@ async fn enqueue_webhook_in(c: &mut SqliteConnection, job_id: &str, o: &Outcome,
     Ok(())
 }
 
-/// A rusqlite row read through the same `try_get(name)` as sqlx's, so that the row macros decode both.
-struct Direct<'a, 'b>(&'a rusqlite::Row<'b>);
+/// A statement of the writer's direct path, built once, with the names of the columns it returns.
+struct DirectSql {
+    sql: String,
+    columns: Vec<&'static str>,
+}
 
-impl Direct<'_, '_> {
-    fn try_get<T: rusqlite::types::FromSql>(&self, name: &str) -> rusqlite::Result<T> {
-        self.0.get(name)
+impl DirectSql {
+    fn new(sql: String, columns: &'static str) -> DirectSql {
+        DirectSql { sql, columns: columns.split(',').map(str::trim).filter(|c| !c.is_empty()).collect() }
+    }
+
+    fn row<'a, 'b>(&'a self, row: &'a rusqlite::Row<'b>) -> Direct<'a, 'b> {
+        Direct { row, columns: &self.columns }
+    }
+
+    fn job(&self, row: &rusqlite::Row<'_>) -> StoreResult<JobRecord> {
+        job_from_row!(&self.row(row))
     }
 }
 
-fn job_from_direct(r: &rusqlite::Row<'_>) -> StoreResult<JobRecord> {
-    job_from_row!(&Direct(r))
+/// A rusqlite row read through the same `try_get(name)` as sqlx's, so that the row macros decode both; a name is
+/// found in the statement's own column list (rusqlite's lookup asks SQLite for every column's name).
+struct Direct<'a, 'b> {
+    row: &'a rusqlite::Row<'b>,
+    columns: &'a [&'static str],
 }
+
+impl Direct<'_, '_> {
+    fn try_get<T: rusqlite::types::FromSql>(&self, name: &str) -> rusqlite::Result<T> {
+        match self.columns.iter().position(|c| *c == name) {
+            Some(i) => self.row.get(i),
+            None => self.row.get(name),
+        }
+    }
+}
+
+static INSERT_JOB: std::sync::LazyLock<DirectSql> = std::sync::LazyLock::new(|| {
+    DirectSql::new(
+        format!(
+            "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
+             no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
+             created_at, bill_unit, unit_price, runner_second_price) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
+        ),
+        JOB_COLUMNS,
+    )
+});
+
+static CLAIM_JOB: std::sync::LazyLock<DirectSql> = std::sync::LazyLock::new(|| {
+    DirectSql::new(
+        format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
+             started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' \
+             RETURNING {JOB_COLUMNS}"
+        ),
+        JOB_COLUMNS,
+    )
+});
+
+const COMPLETION_COLUMNS: &str = "webhook_url, webhook_dialect, traceparent, owner_id, key_id, app_id, path, \
+    started_at, cold_start_ms, bill_unit, unit_price, runner_second_price";
+
+static COMPLETION_ROW: std::sync::LazyLock<DirectSql> = std::sync::LazyLock::new(|| {
+    DirectSql::new(format!("SELECT {COMPLETION_COLUMNS} FROM jobs WHERE id = ?"), COMPLETION_COLUMNS)
+});
+
+static INSERT_USAGE_LINE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_lines ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        crate::usage::LINE_COLUMNS
+    )
+});
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
@@ -153,12 +213,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 /// [`insert_job_in`] on the writer's direct handle.
 fn insert_job_direct(c: &rusqlite::Connection, j: &NewJob) -> StoreResult<JobRecord> {
-    let mut st = c.prepare_cached(&format!(
-        "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
-         no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
-         created_at, bill_unit, unit_price, runner_second_price) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
-    ))?;
+    let q = &*INSERT_JOB;
+    let mut st = c.prepare_cached(&q.sql)?;
     let res = st.query_row(
         rusqlite::params![
             j.id,
@@ -183,7 +239,7 @@ fn insert_job_direct(c: &rusqlite::Connection, j: &NewJob) -> StoreResult<JobRec
             j.prices.unit_price,
             j.prices.runner_second_price,
         ],
-        |r| Ok(job_from_direct(r)),
+        |r| Ok(q.job(r)),
     );
     match res {
         Err(e) if is_unique_violation(&e) => Err(StoreError::Duplicate(j.id.clone())),
@@ -200,24 +256,23 @@ fn claim_direct(
     now: Millis,
     boot: Option<&str>,
 ) -> StoreResult<Option<JobRecord>> {
-    let mut st = c.prepare_cached(&format!(
-        "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_runner = ?, lease_expires_at = ?, \
-         started_at = ?, start_deadline = NULL, lease_boot = ? WHERE id = ? AND state = 'queued' RETURNING {JOB_COLUMNS}"
-    ))?;
+    let q = &*CLAIM_JOB;
+    let mut st = c.prepare_cached(&q.sql)?;
     let mut rows = st.query(rusqlite::params![runner_id, lease_until, now, boot, job_id])?;
-    rows.next()?.map(job_from_direct).transpose()
+    match rows.next()? {
+        Some(r) => Ok(Some(q.job(r)?)),
+        None => Ok(None),
+    }
 }
 
 /// [`enqueue_webhook_in`] and [`record_usage_in`] on the writer's direct handle: a completion's outbox row and
 /// usage line, in its transaction.
 fn after_completion_direct(c: &rusqlite::Connection, job_id: &str, o: &Outcome, now: Millis) -> StoreResult<()> {
-    let mut st = c.prepare_cached(&format!(
-        "SELECT webhook_url, webhook_dialect, traceparent, {} FROM jobs WHERE id = ?",
-        crate::usage::BILLING_COLUMNS
-    ))?;
+    let q = &*COMPLETION_ROW;
+    let mut st = c.prepare_cached(&q.sql)?;
     let mut rows = st.query([job_id])?;
     let Some(row) = rows.next()? else { return Ok(()) };
-    let r = Direct(row);
+    let r = q.row(row);
     let url: Option<String> = r.try_get("webhook_url")?;
     let dialect: Option<String> = r.try_get("webhook_dialect")?;
     let traceparent: Option<String> = r.try_get("traceparent")?;
@@ -241,11 +296,7 @@ fn after_completion_direct(c: &rusqlite::Connection, job_id: &str, o: &Outcome, 
         ])?;
     }
     if let Some(l) = crate::usage::line_for(job_id, b, o, now) {
-        c.prepare_cached(&format!(
-            "INSERT INTO usage_lines ({}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            crate::usage::LINE_COLUMNS
-        ))?
-        .execute(rusqlite::params![
+        c.prepare_cached(&INSERT_USAGE_LINE)?.execute(rusqlite::params![
             l.id,
             l.job_id,
             l.owner_id,
