@@ -83,15 +83,8 @@ impl Writer {
         let (done, rx) = oneshot::channel::<StoreResult<T>>();
         let op: Op = Box::new(move |c| {
             Box::pin(async move {
-                let res = match AssertUnwindSafe(f(c)).catch_unwind().await {
-                    Ok(r) => r,
-                    Err(_) => Err(StoreError::Corrupt("a store operation panicked".into())),
-                };
-                let ok = res.is_ok();
-                let finish: Finish = Box::new(move |committed, ix| {
-                    let _ = done.send(settle(res, committed, ix, on_commit));
-                });
-                (ok, finish)
+                let res = AssertUnwindSafe(f(c)).catch_unwind().await;
+                answer(res, done, on_commit)
             })
         });
         self.tx.send(Msg::Op(Work::Async(op))).map_err(|_| closed())?;
@@ -108,15 +101,8 @@ impl Writer {
     {
         let (done, rx) = oneshot::channel::<StoreResult<T>>();
         let op: SyncOp = Box::new(move |c| {
-            let res = match std::panic::catch_unwind(AssertUnwindSafe(|| f(c))) {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Corrupt("a store operation panicked".into())),
-            };
-            let ok = res.is_ok();
-            let finish: Finish = Box::new(move |committed, ix| {
-                let _ = done.send(settle(res, committed, ix, on_commit));
-            });
-            (ok, finish)
+            let res = std::panic::catch_unwind(AssertUnwindSafe(|| f(c)));
+            answer(res, done, on_commit)
         });
         self.tx.send(Msg::Op(Work::Sync(op))).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
@@ -129,6 +115,23 @@ impl Writer {
             let _ = rx.await;
         }
     }
+}
+
+/// Whether an operation succeeded (a panic is a failure), and what answers its caller once the batch has
+/// committed (or not).
+fn answer<T: Send + 'static, C: FnOnce(&mut T, &mut Index) + Send + 'static>(
+    res: std::thread::Result<StoreResult<T>>,
+    done: oneshot::Sender<StoreResult<T>>,
+    on_commit: C,
+) -> (bool, Finish) {
+    let res = res.unwrap_or_else(|_| Err(StoreError::Corrupt("a store operation panicked".into())));
+    let ok = res.is_ok();
+    (
+        ok,
+        Box::new(move |committed, ix| {
+            let _ = done.send(settle(res, committed, ix, on_commit));
+        }),
+    )
 }
 
 /// An operation's answer once its batch has committed (or not).
