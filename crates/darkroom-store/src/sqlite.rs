@@ -378,35 +378,31 @@ async fn fail_rows_in(
 }
 
 async fn insert_job_in(tx: &mut SqliteConnection, j: &NewJob) -> StoreResult<JobRecord> {
-    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO jobs (id, app_id, path, owner_id, key_id, mode, priority, state, input, max_attempts, \
-         no_retry, start_deadline, runner_hint, webhook_url, webhook_dialect, traceparent, store_io, boot_id, \
-         created_at, bill_unit, unit_price, runner_second_price) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
-    )))
-    .bind(&j.id)
-    .bind(&j.app_id)
-    .bind(&j.path)
-    .bind(&j.owner_id)
-    .bind(&j.key_id)
-    .bind(j.mode.as_str())
-    .bind(j.priority)
-    .bind(&j.input)
-    .bind(j.max_attempts)
-    .bind(j.no_retry)
-    .bind(j.start_deadline)
-    .bind(&j.runner_hint)
-    .bind(&j.webhook_url)
-    .bind(&j.webhook_dialect)
-    .bind(&j.traceparent)
-    .bind(j.store_io)
-    .bind(&j.boot_id)
-    .bind(j.created_at)
-    .bind(j.prices.unit.as_str())
-    .bind(j.prices.unit_price)
-    .bind(j.prices.runner_second_price)
-    .fetch_one(&mut *tx)
-    .await;
+    // The same statement as the writer's direct path.
+    let res = sqlx::query(INSERT_JOB.sql.as_str())
+        .bind(&j.id)
+        .bind(&j.app_id)
+        .bind(&j.path)
+        .bind(&j.owner_id)
+        .bind(&j.key_id)
+        .bind(j.mode.as_str())
+        .bind(j.priority)
+        .bind(&j.input)
+        .bind(j.max_attempts)
+        .bind(j.no_retry)
+        .bind(j.start_deadline)
+        .bind(&j.runner_hint)
+        .bind(&j.webhook_url)
+        .bind(&j.webhook_dialect)
+        .bind(&j.traceparent)
+        .bind(j.store_io)
+        .bind(&j.boot_id)
+        .bind(j.created_at)
+        .bind(j.prices.unit.as_str())
+        .bind(j.prices.unit_price)
+        .bind(j.prices.runner_second_price)
+        .fetch_one(&mut *tx)
+        .await;
     let row = match res {
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
             return Err(StoreError::Duplicate(j.id.clone()));
